@@ -1,0 +1,3 @@
+"""goal_jax: GOAL (Grounded Joint Layout Alignment) in JAX/Flax."""
+
+__version__ = "0.1.0"

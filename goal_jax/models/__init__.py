@@ -1,0 +1,1 @@
+"""Flax linen modules: CLIP, VAE, GLIGEN U-Net. No I/O, no torch, no TensorFlow."""
