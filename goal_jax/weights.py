@@ -138,8 +138,8 @@ def to_state_dict(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
     """Flax params tree -> PyTorch-named, PyTorch-layout float32 numpy state dict."""
     flat = traverse_util.flatten_dict(_unfreeze(params))
     return {
-        prefix + torch_name(path): np.ascontiguousarray(
-            _to_torch_layout(path[-1], np.asarray(value, dtype=np.float32))
+        prefix + torch_name(path): np.array(  # not ascontiguousarray: it makes 0-d arrays 1-d
+            _to_torch_layout(path[-1], np.asarray(value, dtype=np.float32)), order="C"
         )
         for path, value in flat.items()
     }
@@ -325,7 +325,7 @@ def load_clip_text(path: str, dtype=jnp.float32, variant: str | None = None):
     config = clip_lib.CLIPTextConfig.from_dict(read_config(path), source=path)
     model = clip_lib.CLIPTextModel(config=config, dtype=dtype)
     return model, _load(path, model, _TRANSFORMERS_STEMS, ignore=clip_lib.IGNORED_KEYS,
-                        variant=variant)
+                        rename=clip_lib.rename_text_keys, variant=variant)
 
 
 def load_vae(path: str, dtype=jnp.float32, variant: str | None = None, remat: bool = False):
