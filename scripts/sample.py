@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSONL file of {caption, phrases, boxes, seed?, id?} items")
     p.add_argument("--layout", default=None,
                    help="layout of --caption: a JSON file or inline JSON {phrases, boxes, ...}")
+    p.add_argument("--plan", action="store_true",
+                   help="plan --caption's layout with goal_jax.planner (the LLM set by "
+                        "$GOAL_PLANNER_MODEL / $GOAL_PLANNER_LM, else the rule planner) when "
+                        "--layout is not given")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
@@ -128,7 +132,10 @@ def collect_items(args) -> list[Item]:
                                          "item (ids and the default names line<N> clash)")
         return items
     if args.layout is None:
-        item = layout_lib.LayoutItem(None, layout_lib.Layout())
+        from goal_jax import planner
+
+        planned = planner.plan_layout(args.caption) if args.plan else layout_lib.Layout()
+        item = layout_lib.LayoutItem(None, planned)
         name = "--caption"
     elif os.path.isfile(args.layout):
         name = args.layout

@@ -181,6 +181,11 @@ def import_nsr1k(json_path: str, out_path: str, source: str = "nsr1k") -> dict[s
                "category": category, "source": source}
         if category == "spatial" and "relation" in entry:
             obj["relation"] = entry["relation"]
+        if category == "counting":  # comparison prompts ("more/fewer than") need these
+            if "num_object" in entry:
+                obj["num_object"] = entry["num_object"]
+            if "sub-type" in entry:
+                obj["sub_type"] = entry["sub-type"]
         lines.append(obj)
     fmt.write_annotations(out_path, lines)
     return {"items_written": len(lines), "items_dropped": dropped}

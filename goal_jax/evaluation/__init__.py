@@ -1,0 +1,12 @@
+"""Evaluation: layout-planner metrics and image benchmarks (NSR-1K, T2I-CompBench).
+
+* :mod:`metrics` -- counting / spatial scores of layouts and detections (LayoutGPT's
+  definitions), CLIP image-text similarity with the Flax CLIP.
+* :mod:`detector` -- the detection hook (GroundingDINO through transformers, an open
+  stand-in for the GLIP detector LayoutGPT used).
+* :mod:`generate` -- the generator hook ``(caption, layout, seed) -> uint8 image`` and
+  resumable image writing.
+* :mod:`nsr` -- NSR-1K (LayoutGPT's counting and spatial prompts).
+* :mod:`compbench` -- T2I-CompBench prompt files -> samples/ their scorers read.
+* :mod:`report` -- results table (markdown + json) per run.
+"""
