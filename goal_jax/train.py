@@ -1,0 +1,496 @@
+"""GOAL fine-tuning: train state, optimizer with trainable-parameter selection, the jit step.
+
+One training step (a single ``jax.jit`` function, :func:`train_step`):
+
+1. z0: VAE encode of ``batch["images"]`` (posterior sample) times ``scaling_factor``, or
+   ``batch["latents"]`` when the batch carries cached, already scaled latents [B, h, w, 4].
+2. Text: SD's text encoder gives the caption context (``last_hidden_state`` [B, 77, D]) and the
+   pooled phrase features for GLIGEN ([B, N, D]); the DSAlign CLIP gives projected caption
+   ([B, P]) and phrase ([B, N, P]) embeddings.
+3. t ~ U{0..T-1}, eps ~ N(0, I); z_t (eq. 1); U-Net with ``mutable=["intermediates"]``.
+4. L = L_LDM + α L_DSA + β L_MAA (eq. 15, :mod:`goal_jax.objectives`); gradients of the
+   trainable parameters only; optax update.
+
+Caption dropout replaces the caption by the empty caption (``GoalModels.null_input_ids``) and
+clears that item's phrase-token masks (its phrases are no longer in the caption) and its D_global
+weight. Grounding dropout gives the U-Net the null grounding of GLIGEN (all box masks 0, so the
+position net outputs its learnt null features); the alignment terms of that item are then
+excluded (they use the layout the model was given).
+
+Parameters stay float32; the compute dtype and remat are module options (:func:`load_models`).
+Frozen parameters (the rest of the U-Net, VAE, text encoder, CLIP) have no optimizer state, are
+passed to the jitted step separately from the donated train state and are never changed.
+
+Config fields read here (``default_train_config()``; configs/goal.py builds on it):
+
+  seed                    int, PRNG seed of the train state (t, eps, dropout draws).
+  alpha                   float, weight α of L_DSA (eq. 15), 1e-2.
+  beta                    float, weight β of L_MAA (eq. 15), 1e-3.
+  dsa_local, dsa_global   bool, the Table 6 switches of D_local / D_global.
+  dsa_region              "mask" (x̂0·M_i, the paper) or "crop" (crop-and-resize the box).
+  clip_mean, clip_std     3-tuples, CLIP pixel normalisation for DSAlign.
+  maa_part                "down" | "mid" | "up": the U-Net part of the MAAlign layers.
+  maa_resolution          int, the side of their attention grid (16: SD-1.4 decoder 16x16).
+  maa_layers              tuple of module-path prefixes; non-empty overrides part/resolution.
+  caption_dropout         float in [0, 1), probability of the empty caption per item.
+  grounding_dropout       float in [0, 1), probability of the null grounding per item.
+  gligen_scale            float, multiplies the gated self-attention residuals (1 = on).
+  dtype                   "float32" | "bfloat16": compute dtype of all models.
+  remat                   bool, gradient checkpointing of U-Net and VAE blocks.
+  trainable_patterns      tuple of regexes (re.search) on U-Net parameter paths joined with
+                          "/" (e.g. "up_blocks_1/attentions_0/transformer_blocks_0/attn2/to_q/
+                          kernel"); default the paper's fusers + attn1 + attn2.
+  train_position_net      bool, also train the GLIGEN position net.
+  optimizer.learning_rate float, peak learning rate (5e-5, constant by default).
+  optimizer.warmup_steps  int, linear warm-up from 0 over this many updates (0 = none).
+  optimizer.weight_decay  float, AdamW decoupled weight decay (0.0, as GLIGEN).
+  optimizer.b1, b2, eps   AdamW moments and epsilon (0.9, 0.999, 1e-8: torch's defaults).
+  optimizer.grad_clip_norm  float, clip by global norm when > 0.
+  optimizer.grad_accum_steps  int, optax.MultiSteps accumulation (1 = off).
+  sharding.data, sharding.fsdp  mesh axis sizes (data=-1: all devices / fsdp).
+  sharding.params         "replicated" | "fsdp": parameter / optimizer-state sharding.
+  sharding.fsdp_min_size  int, arrays smaller than this stay replicated under "fsdp".
+  sharding.distributed    bool, call jax.distributed.initialize (multi-host).
+                          (data / fsdp / distributed are read by sharding.mesh_from_config.)
+  model.pipeline          str, diffusers GLIGEN pipeline folder (unet/ vae/ text_encoder/ ...).
+  model.clip              str, Hugging Face CLIPModel folder (the DSAlign CLIP, ViT-L/14).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from goal_jax import objectives
+from goal_jax import schedule as schedule_lib
+from goal_jax import sharding as sharding_lib
+
+PAPER_TRAINABLE = (r"(^|/)fuser/", r"(^|/)attn1/", r"(^|/)attn2/")
+POSITION_NET = r"^position_net/"
+BATCH_KEYS = ("images", "input_ids", "phrase_input_ids", "boxes", "masks", "phrase_token_masks")
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """The paper's setting (see the module docstring for every field)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.alpha = 1e-2
+    c.beta = 1e-3
+    c.dsa_local = True
+    c.dsa_global = True
+    c.dsa_region = "mask"
+    c.clip_mean = objectives.CLIP_MEAN
+    c.clip_std = objectives.CLIP_STD
+    c.maa_part = "up"
+    c.maa_resolution = 16
+    c.maa_layers = ()
+    c.caption_dropout = 0.0
+    c.grounding_dropout = 0.0
+    c.gligen_scale = 1.0
+    c.dtype = "float32"
+    c.remat = False
+    c.trainable_patterns = PAPER_TRAINABLE
+    c.train_position_net = False
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=5e-5, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip_norm=0.0, grad_accum_steps=1))
+    c.sharding = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, params="replicated", fsdp_min_size=2 ** 14, distributed=False))
+    c.model = ml_collections.ConfigDict(dict(pipeline="", clip=""))
+    return c
+
+
+# ==============================================================================================
+# Models.
+# ==============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class GoalModels:
+    """The Flax modules of one GOAL run (no parameters).
+
+    unet: GLIGEN UNet2DConditionModel built with ``attention_maps`` = the MAAlign layers.
+    vae: AutoencoderKL. text_encoder: SD's CLIPTextModel. clip: the DSAlign CLIPModel.
+    schedule: the DDPM training schedule. null_input_ids: int32 [77] ids of the empty caption
+    (needed for caption dropout).
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    clip: Any
+    schedule: schedule_lib.DDPMSchedule
+    null_input_ids: Any = None
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def clip_image_size(self) -> int:
+        return int(self.clip.config.vision_config.image_size)
+
+
+def compute_dtype(config) -> Any:
+    names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if config.dtype not in names:
+        raise ValueError(f"config.dtype must be one of {sorted(names)}, got {config.dtype!r}")
+    return names[config.dtype]
+
+
+def maa_layers(config, unet_config) -> tuple[str, ...]:
+    """The MAAlign layer prefixes: ``config.maa_layers`` or, when empty, the cross-attention
+    modules of ``config.maa_part`` at ``config.maa_resolution``."""
+    if config.maa_layers:
+        return tuple(config.maa_layers)
+    from goal_jax.models import unet as unet_lib
+
+    return unet_lib.cross_attention_layers(unet_config, config.maa_part, config.maa_resolution)
+
+
+def load_models(config) -> tuple[GoalModels, dict]:
+    """Loads ``config.model.pipeline`` and ``config.model.clip`` -> (GoalModels, params) with
+    params = {"unet", "vae", "text_encoder", "clip"} (float32)."""
+    import os
+
+    from goal_jax import text as text_lib
+    from goal_jax import weights
+    from goal_jax.models import unet as unet_lib
+
+    dtype = compute_dtype(config)
+    unet_dir = os.path.join(config.model.pipeline, "unet")
+    unet_config = unet_lib.UNet2DConditionConfig.from_dict(weights.read_config(unet_dir),
+                                                           source=unet_dir)
+    layers = maa_layers(config, unet_config) if config.beta else ()
+    pipe = weights.load_pipeline(config.model.pipeline, dtype=dtype, remat=config.remat,
+                                 attention_maps=layers, require_grounding=True)
+    clip, clip_params = weights.load_clip(config.model.clip, dtype=dtype)
+    null_ids = text_lib.tokenize(pipe.tokenizer, [""])[0]
+    models = GoalModels(pipe.unet, pipe.vae, pipe.text_encoder, clip,
+                        schedule_lib.DDPMSchedule.from_config(pipe.scheduler_config),
+                        jnp.asarray(null_ids, jnp.int32))
+    params = {"unet": pipe.unet_params, "vae": pipe.vae_params,
+              "text_encoder": pipe.text_params, "clip": clip_params}
+    return models, params
+
+
+# ==============================================================================================
+# Trainable / frozen split.
+# ==============================================================================================
+
+
+def trainable_patterns(config) -> tuple[str, ...]:
+    patterns = tuple(config.trainable_patterns)
+    if config.train_position_net:
+        patterns += (POSITION_NET,)
+    return patterns
+
+
+def trainable_mask(unet_params: Mapping, patterns: Sequence[str]) -> dict:
+    """{"/"-joined path: bool} for every U-Net parameter. Raises when nothing matches."""
+    regs = [re.compile(p) for p in patterns]
+    flat = traverse_util.flatten_dict(_plain(unet_params))
+    mask = {"/".join(k): any(r.search("/".join(k)) for r in regs) for k in flat}
+    if not any(mask.values()):
+        raise ValueError(f"trainable_patterns {list(patterns)} match no U-Net parameter")
+    return mask
+
+
+def partition_params(unet_params: Mapping, patterns: Sequence[str]) -> tuple[dict, dict]:
+    """Splits the U-Net params into (trainable, frozen) nested dicts with disjoint leaves."""
+    mask = trainable_mask(unet_params, patterns)
+    flat = traverse_util.flatten_dict(_plain(unet_params))
+    train = {k: v for k, v in flat.items() if mask["/".join(k)]}
+    frozen = {k: v for k, v in flat.items() if not mask["/".join(k)]}
+    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
+    """Inverse of :func:`partition_params`."""
+    flat = traverse_util.flatten_dict(_plain(frozen))
+    flat.update(traverse_util.flatten_dict(_plain(trainable)))
+    return traverse_util.unflatten_dict(flat)
+
+
+def _plain(tree):
+    return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else dict(tree)
+
+
+# ==============================================================================================
+# Optimizer and train state.
+# ==============================================================================================
+
+
+def learning_rate_schedule(opt_config) -> optax.Schedule:
+    lr = float(opt_config.learning_rate)
+    warmup = int(opt_config.warmup_steps)
+    if warmup <= 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ optional global-norm clipping and MultiSteps accumulation) and its lr schedule."""
+    o = config.optimizer
+    schedule = learning_rate_schedule(o)
+    parts = []
+    if o.grad_clip_norm and o.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(o.grad_clip_norm)))
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=o.weight_decay))
+    tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
+    if int(o.grad_accum_steps) > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=int(o.grad_accum_steps))
+    return tx, schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 scalar (micro-steps done); params: the trainable U-Net parameters (nested
+    dict); frozen: {"unet": frozen U-Net part, "vae", "text_encoder", "clip"} (never updated,
+    never donated; None inside the jitted step); opt_state: optax state of ``params`` only;
+    rng: PRNG key."""
+
+    step: jax.Array
+    params: Any
+    frozen: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_train_state(params: Mapping, config, optimizer: optax.GradientTransformation,
+                       rng: jax.Array | None = None) -> TrainState:
+    """params = {"unet", "vae", "text_encoder", "clip"} -> TrainState (trainable split by
+    :func:`trainable_patterns`).
+
+    No copy is made: the state's trainable arrays are the arrays of ``params["unet"]``, and the
+    jitted step donates them, so after the first step those entries of ``params`` are deleted.
+    Pass ``jax.tree_util.tree_map(jnp.copy, params)`` to keep using the originals."""
+    missing = [k for k in ("unet", "vae", "text_encoder", "clip") if k not in params]
+    if missing:
+        raise ValueError(f"create_train_state: params lacks {missing}")
+    trainable, frozen_unet = partition_params(params["unet"], trainable_patterns(config))
+    frozen = {"unet": frozen_unet, "vae": params["vae"],
+              "text_encoder": params["text_encoder"], "clip": params["clip"]}
+    rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                      opt_state=optimizer.init(trainable), rng=rng)
+
+
+# ==============================================================================================
+# The loss.
+# ==============================================================================================
+
+
+def encode_text(models: GoalModels, frozen: Mapping, input_ids, phrase_input_ids):
+    """-> context [B,77,D], phrase features [B,N,D] (pooled, SD text encoder), caption CLIP
+    embeds [B,P], phrase CLIP embeds [B,N,P] (projected, not normalised)."""
+    b, n, length = phrase_input_ids.shape
+    flat = phrase_input_ids.reshape(b * n, length)
+    te = {"params": frozen["text_encoder"]}
+    caption = models.text_encoder.apply(te, input_ids, method="encode_text")
+    phrases = models.text_encoder.apply(te, flat, method="encode_text")
+    cp = {"params": frozen["clip"]}
+    cap_embeds = models.clip.apply(cp, input_ids, method="encode_text").embeds
+    phr_embeds = models.clip.apply(cp, flat, method="encode_text").embeds
+    out = (caption.last_hidden_state, phrases.pooled.reshape(b, n, -1), cap_embeds,
+           phr_embeds.reshape(b, n, -1))
+    return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
+
+
+def encode_latents(models: GoalModels, frozen: Mapping, images, posterior_noise):
+    """z0 = (mean + std * posterior_noise) * scaling_factor; images [B,H,W,3] in [-1,1]."""
+    post = models.vae.apply({"params": frozen["vae"]}, images, method="encode")
+    z0 = (post.mean + jnp.exp(0.5 * post.logvar) * posterior_noise) * models.scaling_factor
+    return jax.lax.stop_gradient(z0)
+
+
+def compute_losses(models: GoalModels, config, trainable: Mapping, frozen: Mapping,
+                   batch: Mapping, t, noise, z0, caption_keep=None, grounding_keep=None):
+    """Eq. 1-15 for given t [B] (int32), eps [B,h,w,4] and scaled latents z0 [B,h,w,4].
+
+    caption_keep / grounding_keep: optional [B] float 0/1 (dropout draws; None = keep all).
+    Returns (total, metrics) with the objectives.goal_loss keys.
+    """
+    input_ids = batch["input_ids"]
+    token_masks = batch["phrase_token_masks"].astype(jnp.float32)
+    box_valid = batch["masks"].astype(jnp.float32)
+    item_valid = None
+    if caption_keep is not None:
+        if models.null_input_ids is None:
+            raise ValueError("caption dropout needs GoalModels.null_input_ids")
+        keep = caption_keep.astype(bool)[:, None]
+        input_ids = jnp.where(keep, input_ids, jnp.asarray(models.null_input_ids)[None, :])
+        token_masks = token_masks * caption_keep[:, None, None]
+        item_valid = caption_keep.astype(jnp.float32)
+    if grounding_keep is not None:
+        box_valid = box_valid * grounding_keep[:, None]
+    context, phrase_feats, cap_embeds, phr_embeds = encode_text(
+        models, frozen, input_ids, batch["phrase_input_ids"])
+    s = models.schedule
+    z_t = schedule_lib.add_noise(s, z0, noise, t)  # eq. 1
+    grounding = {"boxes": batch["boxes"], "phrase_embeds": phrase_feats, "masks": box_valid}
+    unet_params = merge_params(trainable, frozen["unet"])
+    pred, state = models.unet.apply({"params": unet_params}, z_t, t, context,
+                                    grounding=grounding, gligen_scale=config.gligen_scale,
+                                    mutable=["intermediates"])
+    ldm = objectives.ldm_loss(pred, schedule_lib.training_target(s, z0, noise, t))  # eq. 2
+    dsa = maa = None
+    if config.alpha and (config.dsa_local or config.dsa_global):
+        z0_hat = schedule_lib.predict_x0(s, z_t, pred, t)  # eq. 4
+        dsa = objectives.dsalign_loss(
+            models.vae, frozen["vae"], models.clip, frozen["clip"], z0_hat, cap_embeds,
+            phr_embeds, batch["boxes"], box_valid, item_valid,
+            scaling_factor=models.scaling_factor, image_size=models.clip_image_size,
+            mean=tuple(config.clip_mean), std=tuple(config.clip_std),
+            region_mode=config.dsa_region, local=config.dsa_local, global_=config.dsa_global)
+    if config.beta:
+        maa = objectives.maalign_loss(state["intermediates"], batch["boxes"], token_masks,
+                                      box_valid, z_t.shape[1:3])
+    return objectives.goal_loss(ldm, dsa, maa, config.alpha, config.beta)
+
+
+def _check_batch(batch: Mapping) -> None:
+    missing = [k for k in BATCH_KEYS if k not in batch and not (k == "images" and "latents"
+                                                                 in batch)]
+    if missing:
+        raise ValueError(f"train batch lacks {missing}; it needs {list(BATCH_KEYS)} "
+                         "(or 'latents' instead of 'images')")
+
+
+def latent_shape(models: GoalModels, batch: Mapping) -> tuple[int, ...]:
+    if "latents" in batch:
+        return tuple(batch["latents"].shape)
+    b, h, w, _ = batch["images"].shape
+    f = models.vae.config.downsample_factor
+    return (b, h // f, w // f, models.vae.config.latent_channels)
+
+
+def train_step(models: GoalModels, config, optimizer: optax.GradientTransformation,
+               lr_schedule: optax.Schedule, state: TrainState, frozen: Mapping,
+               batch: Mapping) -> tuple[TrainState, dict]:
+    """One GOAL step (pure; wrap with :func:`make_train_step`). ``state.frozen`` is ignored,
+    ``frozen`` is used instead and the returned state carries ``frozen=None``."""
+    _check_batch(batch)
+    rng, k_t, k_noise, k_post, k_cap, k_grd = jax.random.split(state.rng, 6)
+    shape = latent_shape(models, batch)
+    b = shape[0]
+    t = jax.random.randint(k_t, (b,), 0, models.schedule.num_train_timesteps, jnp.int32)
+    noise = jax.random.normal(k_noise, shape, jnp.float32)
+    if "latents" in batch:
+        z0 = batch["latents"].astype(jnp.float32)
+    else:
+        z0 = encode_latents(models, frozen, batch["images"],
+                            jax.random.normal(k_post, shape, jnp.float32))
+    caption_keep = grounding_keep = None
+    if config.caption_dropout > 0:
+        caption_keep = jax.random.bernoulli(k_cap, 1.0 - config.caption_dropout, (b,))
+        caption_keep = caption_keep.astype(jnp.float32)
+    if config.grounding_dropout > 0:
+        grounding_keep = jax.random.bernoulli(k_grd, 1.0 - config.grounding_dropout, (b,))
+        grounding_keep = grounding_keep.astype(jnp.float32)
+
+    def loss_fn(trainable):
+        return compute_losses(models, config, trainable, frozen, batch, t, noise, z0,
+                              caption_keep, grounding_keep)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accum = max(int(config.optimizer.grad_accum_steps), 1)
+    metrics = dict(metrics, grad_norm=_global_norm(grads),
+                   lr=jnp.asarray(lr_schedule(state.step // accum), jnp.float32))
+    new_state = TrainState(step=state.step + 1, params=params, frozen=None,
+                           opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+
+# ==============================================================================================
+# jit / sharding.
+# ==============================================================================================
+
+
+def state_shardings(state: TrainState, mesh, mode: str = "replicated",
+                    min_size: int = 2 ** 14) -> TrainState:
+    """NamedShardings for a TrainState (frozen included) under :mod:`goal_jax.sharding`."""
+    rep = sharding_lib.replicated(mesh)
+    return TrainState(
+        step=rep, rng=rep,
+        params=sharding_lib.param_shardings(state.params, mesh, mode, min_size),
+        frozen=sharding_lib.param_shardings(state.frozen, mesh, mode, min_size)
+        if state.frozen is not None else None,
+        opt_state=sharding_lib.param_shardings(state.opt_state, mesh, mode, min_size))
+
+
+def shard_state(state: TrainState, mesh, mode: str = "replicated",
+                min_size: int = 2 ** 14) -> TrainState:
+    """Places the whole state (frozen included) on ``mesh``."""
+    return sharding_lib.shard_tree(state, state_shardings(state, mesh, mode, min_size))
+
+
+def make_train_step(models: GoalModels, config, optimizer: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, mesh=None,
+                    example_state: TrainState | None = None,
+                    batch_keys: Sequence[str] | None = None) -> Callable:
+    """Returns ``step(state, batch) -> (state, metrics)``: one jit-compiled function whose
+    train-state argument (step, params, opt_state, rng) is donated; the frozen params are a
+    separate, non-donated argument and are re-attached to the returned state unchanged.
+
+    With ``mesh`` (and ``example_state`` to read shapes from), the jit gets explicit
+    in/out shardings: batch over ('data', 'fsdp'), params and optimizer state replicated or
+    fsdp-sharded per ``config.sharding``. The batch must then be placed with
+    :func:`goal_jax.sharding.put_batch`.
+    """
+
+    def fn(state, frozen, batch):
+        return train_step(models, config, optimizer, lr_schedule, state, frozen, batch)
+
+    if mesh is None:
+        jitted = jax.jit(fn, donate_argnums=(0,))
+    else:
+        if example_state is None:
+            raise ValueError("make_train_step with a mesh needs example_state (for shapes)")
+        mode = config.sharding.params
+        min_size = config.sharding.fsdp_min_size
+        full = state_shardings(example_state, mesh, mode, min_size)
+        donated = full.replace(frozen=None)
+        keys = tuple(batch_keys) if batch_keys is not None else BATCH_KEYS
+        batch_sh = {k: sharding_lib.batch_sharding(mesh) for k in keys}
+        rep = sharding_lib.replicated(mesh)
+        jitted = sharding_lib.jit_sharded(fn, in_shardings=(donated, full.frozen, batch_sh),
+                                          out_shardings=(donated, rep), donate_argnums=(0,))
+
+    def step(state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
+        frozen = state.frozen
+        new_state, metrics = jitted(state.replace(frozen=None), frozen, dict(batch))
+        return new_state.replace(frozen=frozen), metrics
+
+    step.jitted = jitted
+    return step
+
+
+def parameter_counts(unet_params: Mapping, config) -> tuple[int, int]:
+    """(trainable, frozen) scalar counts of a U-Net params tree (arrays or ShapeDtypeStructs)."""
+    mask = trainable_mask(unet_params, trainable_patterns(config))
+    flat = traverse_util.flatten_dict(_plain(unet_params))
+    n_train = sum(int(np.prod(v.shape)) for k, v in flat.items() if mask["/".join(k)])
+    n_all = sum(int(np.prod(v.shape)) for v in flat.values())
+    return n_train, n_all - n_train
+
+
+def _global_norm(tree) -> jax.Array:
+    """sqrt of the sum of squares of all leaves (optax.tree.norm where available)."""
+    tree_ns = getattr(optax, "tree", None)
+    if tree_ns is not None and hasattr(tree_ns, "norm"):
+        return tree_ns.norm(tree)
+    return optax.global_norm(tree)

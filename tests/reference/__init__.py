@@ -1,0 +1,1 @@
+"""Plain PyTorch reference implementations used as parity oracles and speed baselines."""
