@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test install clean demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,16 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The demo: tiny random models + the synthetic shapes dataset, trained on the CPU in a few
+# minutes (checkpoints, TensorBoard and metrics.jsonl in runs/demo), then a few layouts sampled
+# from the last checkpoint into runs/demo/samples. Rerunning resumes / skips what is done.
+DEMO_DIR ?= runs/demo
+demo: $(STAMP)
+	$(PY) scripts/train.py --config configs/goal.py:demo --workdir $(DEMO_DIR)
+	$(PY) scripts/sample.py --pretrained $(DEMO_DIR)/demo_models/pipeline \
+	  --checkpoint $(DEMO_DIR)/checkpoints --jsonl $(DEMO_DIR)/sample_layouts.jsonl \
+	  --steps 10 --cfg 3.0 --output_dir $(DEMO_DIR)/samples
 
 clean:
 	rm -rf $(VENV) .pytest_cache

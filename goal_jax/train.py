@@ -162,6 +162,7 @@ def load_models(config) -> tuple[GoalModels, dict]:
     params = {"unet", "vae", "text_encoder", "clip"} (float32)."""
     import os
 
+    from goal_jax import checkpoints
     from goal_jax import text as text_lib
     from goal_jax import weights
     from goal_jax.models import unet as unet_lib
@@ -171,9 +172,10 @@ def load_models(config) -> tuple[GoalModels, dict]:
     unet_config = unet_lib.UNet2DConditionConfig.from_dict(weights.read_config(unet_dir),
                                                            source=unet_dir)
     layers = maa_layers(config, unet_config) if config.beta else ()
-    pipe = weights.load_pipeline(config.model.pipeline, dtype=dtype, remat=config.remat,
-                                 attention_maps=layers, require_grounding=True)
-    clip, clip_params = weights.load_clip(config.model.clip, dtype=dtype)
+    # Either form of model folder: diffusers safetensors, or orbax params from scripts/convert.py.
+    pipe = checkpoints.load_pipeline(config.model.pipeline, dtype=dtype, remat=config.remat,
+                                     attention_maps=layers, require_grounding=True)
+    clip, clip_params = checkpoints.load_component(config.model.clip, "clip", dtype=dtype)
     null_ids = text_lib.tokenize(pipe.tokenizer, [""])[0]
     models = GoalModels(pipe.unet, pipe.vae, pipe.text_encoder, clip,
                         schedule_lib.DDPMSchedule.from_config(pipe.scheduler_config),

@@ -22,6 +22,7 @@ and shape mismatches by name. Parameters are always float32 (compute dtype is a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -348,13 +349,28 @@ def load_unet(path: str, dtype=jnp.float32, variant: str | None = None,
     from goal_jax.models import unet as unet_lib
 
     config = unet_lib.UNet2DConditionConfig.from_dict(read_config(path), source=path)
-    if require_grounding and not config.is_gligen:
-        raise CheckpointError(
-            f"{path} is not a GLIGEN U-Net: the checkpoint has no position net "
-            f"(attention_type={config.attention_type!r}), so it cannot take grounding inputs"
-        )
+    if require_grounding:
+        check_grounding(config, path)
     model = unet_lib.UNet2DConditionModel(config=config, dtype=dtype, **module_options)
     return model, _load(path, model, _DIFFUSERS_STEMS, variant=variant)
+
+
+def check_grounding(unet_config, path: str) -> None:
+    """Raises unless ``unet_config`` (a UNet2DConditionConfig) is a GLIGEN U-Net."""
+    if not unet_config.is_gligen:
+        raise CheckpointError(
+            f"{path} is not a GLIGEN U-Net: the checkpoint has no position net "
+            f"(attention_type={unet_config.attention_type!r}), so it cannot take grounding inputs"
+        )
+
+
+def load_component(path: str, kind: str, dtype=jnp.float32, **module_options):
+    """(module, params) of one pipeline component folder; kind: unet | vae | text_encoder | clip."""
+    loaders = {"unet": load_unet, "vae": load_vae, "text_encoder": load_clip_text,
+               "clip": load_clip}
+    if kind not in loaders:
+        raise CheckpointError(f"unknown model kind {kind!r}; expected one of {sorted(loaders)}")
+    return loaders[kind](path, dtype=dtype, **module_options)
 
 
 def save_unet(folder: str, unet, params: Params) -> None:
@@ -380,9 +396,14 @@ class GLIGENPipeline:
 
 
 def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
-                  **unet_options) -> GLIGENPipeline:
+                  component_loader: Callable | None = None, **unet_options) -> GLIGENPipeline:
     """diffusers ``StableDiffusionGLIGENPipeline`` folder (``unet/ vae/ text_encoder/ tokenizer/
-    scheduler/``) -> :class:`GLIGENPipeline`."""
+    scheduler/``) -> :class:`GLIGENPipeline`.
+
+    ``component_loader(path, kind, dtype, **options) -> (module, params)`` reads each model
+    folder (default :func:`load_component`; goal_jax.checkpoints passes one that also reads
+    orbax folders). ``unet_options`` go to the U-Net loader.
+    """
     from goal_jax import text as text_lib
 
     if not os.path.isdir(path):
@@ -390,9 +411,13 @@ def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise CheckpointError(f"pipeline folder {path} has no {sub}/ subfolder")
-    unet, unet_params = load_unet(os.path.join(path, "unet"), dtype, variant, **unet_options)
-    vae, vae_params = load_vae(os.path.join(path, "vae"), dtype, variant)
-    text_encoder, text_params = load_clip_text(os.path.join(path, "text_encoder"), dtype, variant)
+    if component_loader is None:
+        component_loader = functools.partial(load_component, variant=variant)
+    unet, unet_params = component_loader(os.path.join(path, "unet"), "unet", dtype,
+                                         **unet_options)
+    vae, vae_params = component_loader(os.path.join(path, "vae"), "vae", dtype)
+    text_encoder, text_params = component_loader(os.path.join(path, "text_encoder"),
+                                                 "text_encoder", dtype)
     tokenizer = text_lib.load_tokenizer(os.path.join(path, "tokenizer"))
     scheduler_config = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
     return GLIGENPipeline(unet, unet_params, vae, vae_params, text_encoder, text_params,

@@ -1,0 +1,218 @@
+"""GOAL fine-tuning configs, chosen by config string (big_vision style).
+
+    python scripts/train.py --config configs/goal.py            # = :paper
+    python scripts/train.py --config configs/goal.py:demo --workdir runs/demo
+    python scripts/train.py --config configs/goal.py:paper,no_maalign --config.train.steps=100
+
+The string after ":" is a comma-separated list: a base preset first, then any ablations.
+
+Base presets:
+  paper  GOAL as in the paper: GLIGEN SD-1.4 text-box pipeline (``train.model.pipeline``,
+         a local diffusers folder or a hub id, default masterful/gligen-1-4-generation-text-box),
+         CLIP ViT-L/14 for DSAlign (``train.model.clip``, default openai/clip-vit-large-patch14),
+         α = 1e-2, β = 1e-3, AdamW 5e-5 constant, 14,000 steps, batch 1 per device, 512x512,
+         MAAlign on the decoder 16x16 cross-attention maps, trainable GLIGEN fusers + attn1 +
+         attn2, GOAL2K data (``data.source``: a folder in goal_jax's on-disk format, built once
+         into the TFDS dir ``data.data_dir``).
+  demo   Tiny random models written in-process by goal_jax.demo_models (no download; tokenizer
+         from text.write_word_vocab over the shapes vocabulary), the synthetic shapes dataset
+         generated on first use at 64x64, all three losses on; a few minutes on 2 CPU cores.
+
+Ablations (the paper's tables; applied on top of the base):
+  ldm_only        α = β = 0: plain LDM fine-tuning of the same layers ("LDM-only fine-tune").
+  no_dsalign      α = 0 (LDM + MAAlign).
+  no_maalign      β = 0 (LDM + DSAlign).
+  dsalign_local   DSAlign with D_local only (Table 6).
+  dsalign_global  DSAlign with D_global only (Table 6).
+  maalign_mid8    MAAlign on the mid block, 8x8 maps (Table 7).
+  maalign_up64    MAAlign on the decoder 64x64 maps (Table 7).
+  maalign_up32    MAAlign on the decoder 32x32 maps (Table 7).
+  maalign_up16    MAAlign on the decoder 16x16 maps (Table 7; the paper's choice = paper).
+(The 8/16/32/64 resolutions are SD-1.4's latent grid at 512x512; for the demo models, whose
+latents are 16x16, only mid8 and up16 exist, and validate_config says so.)
+
+Every field can be overridden on the command line (``--config.train.steps=100``); fields that do
+not exist are refused (:func:`check_override_keys`) and :func:`validate_config` checks values
+before anything is loaded or compiled.
+
+Fields:
+  preset            str, the config string this config was built from (information only).
+  demo_models       bool, write the tiny random demo models into ``<workdir>/demo_models`` and
+                    use them as ``train.model.pipeline`` / ``train.model.clip``.
+  num_devices       int, use the first N devices for the mesh (0 = all devices).
+  compilation_cache str, JAX persistent compilation cache folder ('' = off).
+  train             goal_jax.train.default_train_config() (every field documented in
+                    goal_jax/train.py), plus:
+    steps                  int, number of train steps (optimizer updates x grad_accum_steps).
+    per_device_batch_size  int, batch per device; global batch = this x devices.
+  data
+    source        str, a folder in the on-disk format (annotations.jsonl + images), built into
+                  ``data_dir`` on first use; '' = use the goal2k dataset already in data_dir.
+    data_dir      str, TFDS data dir ('' = <workdir>/tfds).
+    shapes_items  int, > 0: generate the synthetic shapes dataset (this many items) into
+                  ``source`` when it does not exist yet (demo).
+    resolution    int, training image side in pixels.
+    max_boxes     int, grounding slots (30 as GLIGEN).
+    flip          bool, random horizontal flip with left/right swapped in the texts.
+    random_crop   bool, random (else center) crop after resizing the short side.
+    min_box_size  float, boxes with a smaller normalized area after cropping are dropped.
+    shuffle       bool, reshuffle every epoch.
+    seed          int, data order / flips / crops seed.
+  checkpoint
+    every_steps   int, save every K steps (and always at the end; 0 = only at the end).
+    max_to_keep   int, keep the last N checkpoints.
+    async_save    bool, write checkpoints in the background.
+  log
+    every_steps   int, write metrics (averaged over the interval) every K steps.
+    progress      bool, a tqdm progress bar when stderr is a terminal.
+  sample
+    every_steps   int, sample ``layouts`` into TensorBoard every K steps (0 = off) and at the
+                  end when > 0.
+    layouts       tuple of JSON strings {"caption", "phrases", "boxes" (xyxy in [0,1]), "seed"}.
+    num_steps, guidance_scale, beta (scheduled sampling), sampler: goal_jax.sampling options.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import ml_collections
+
+# The checks live in goal_jax.loop (importable by the training loop and tests); re-exported here.
+from goal_jax.loop import apply_overrides, check_override_keys, validate_config  # noqa: F401
+
+BASES = ("paper", "demo")
+ABLATIONS = {
+    "ldm_only": "α = β = 0 (plain LDM fine-tuning of the same layers)",
+    "no_dsalign": "α = 0",
+    "no_maalign": "β = 0",
+    "dsalign_local": "D_local only",
+    "dsalign_global": "D_global only",
+    "maalign_mid8": "MAAlign on the mid block 8x8 maps",
+    "maalign_up64": "MAAlign on the decoder 64x64 maps",
+    "maalign_up32": "MAAlign on the decoder 32x32 maps",
+    "maalign_up16": "MAAlign on the decoder 16x16 maps (the paper's choice)",
+}
+PAPER_PIPELINE = "masterful/gligen-1-4-generation-text-box"
+PAPER_CLIP = "openai/clip-vit-large-patch14"
+
+DEMO_LAYOUTS = (
+    {"caption": "a red circle to the left of a blue square", "phrases": ["a red circle",
+     "a blue square"], "boxes": [[0.05, 0.3, 0.45, 0.7], [0.55, 0.3, 0.95, 0.7]], "seed": 0},
+    {"caption": "a green striped triangle above a yellow star", "phrases": [
+     "a green striped triangle", "a yellow star"], "boxes": [[0.3, 0.05, 0.7, 0.45],
+     [0.3, 0.55, 0.7, 0.95]], "seed": 1},
+    {"caption": "two purple hexagons", "phrases": ["purple hexagons", "purple hexagons"],
+     "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.55, 0.9, 0.9]], "seed": 2},
+)
+PAPER_LAYOUTS = (
+    {"caption": "a red apple to the left of a green book", "phrases": ["a red apple",
+     "a green book"], "boxes": [[0.05, 0.35, 0.45, 0.75], [0.55, 0.3, 0.95, 0.8]], "seed": 0},
+    {"caption": "a wooden chair and a metallic lamp", "phrases": ["a wooden chair",
+     "a metallic lamp"], "boxes": [[0.1, 0.4, 0.5, 0.95], [0.6, 0.1, 0.9, 0.9]], "seed": 1},
+)
+
+
+def _train_section():
+    from goal_jax import train as train_lib
+
+    train = train_lib.default_train_config()
+    train.steps = 14_000
+    train.per_device_batch_size = 1
+    return train
+
+
+def _base(preset: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.demo_models = False
+    c.num_devices = 0
+    c.compilation_cache = ""
+
+    c.train = _train_section()
+    # The paper's setting is train.py's default; spelled out here so the preset reads alone.
+    c.train.model.pipeline = PAPER_PIPELINE
+    c.train.model.clip = PAPER_CLIP
+    c.train.alpha = 1e-2
+    c.train.beta = 1e-3
+    c.train.dsa_local = True
+    c.train.dsa_global = True
+    c.train.maa_part = "up"
+    c.train.maa_resolution = 16
+    c.train.optimizer.learning_rate = 5e-5
+    c.train.optimizer.warmup_steps = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="", data_dir="", shapes_items=0, resolution=512, max_boxes=30, flip=False,
+        random_crop=False, min_box_size=0.001, shuffle=True, seed=0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3,
+                                                  async_save=True))
+    c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True))
+    c.sample = ml_collections.ConfigDict(dict(
+        every_steps=2000, layouts=tuple(json.dumps(x) for x in PAPER_LAYOUTS), num_steps=50,
+        guidance_scale=7.5, beta=0.3, sampler="ddim"))
+    return c
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+    c.demo_models = True
+    c.train.model.pipeline = ""  # set to <workdir>/demo_models/pipeline at run time
+    c.train.model.clip = ""
+    c.train.steps = 40
+    c.train.per_device_batch_size = 4
+    c.train.optimizer.learning_rate = 1e-3
+    # all three losses on, with weights large enough to move the tiny random models.
+    c.train.alpha = 0.1
+    c.train.beta = 0.1
+    c.train.maa_part = "up"
+    c.train.maa_resolution = 16
+    c.data.source = ""  # '' = <workdir>/shapes
+    c.data.shapes_items = 64
+    c.data.resolution = 64
+    c.data.flip = True
+    c.data.max_boxes = 4  # the shapes dataset has 1-4 objects per image
+    c.checkpoint.every_steps = 20
+    c.log.every_steps = 10
+    c.sample.every_steps = 0
+    c.sample.layouts = tuple(json.dumps(x) for x in DEMO_LAYOUTS)
+    c.sample.num_steps = 10
+
+
+def _ablate(c: ml_collections.ConfigDict, name: str) -> None:
+    t = c.train
+    if name == "ldm_only":
+        t.alpha, t.beta = 0.0, 0.0
+    elif name == "no_dsalign":
+        t.alpha = 0.0
+    elif name == "no_maalign":
+        t.beta = 0.0
+    elif name == "dsalign_local":
+        t.dsa_local, t.dsa_global = True, False
+    elif name == "dsalign_global":
+        t.dsa_local, t.dsa_global = False, True
+    elif name.startswith("maalign_"):
+        m = re.fullmatch(r"maalign_(mid|up)(\d+)", name)
+        t.maa_part, t.maa_resolution, t.maa_layers = m.group(1), int(m.group(2)), ()
+    else:  # pragma: no cover - names are checked by get_config
+        raise ValueError(name)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config for ``arg`` = "<base>[,<ablation>...]" (default "paper")."""
+    arg = (arg or "paper").strip()
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    if not names or names[0] not in BASES:
+        raise ValueError(
+            f"unknown preset {names[0] if names else arg!r} in config string {arg!r}: it must "
+            f"start with one of {list(BASES)}, then optional ablations {sorted(ABLATIONS)}")
+    unknown = [n for n in names[1:] if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation {unknown[0]!r} in config string {arg!r}; known: "
+                         f"{sorted(ABLATIONS)}")
+    c = _base(arg)
+    if names[0] == "demo":
+        _demo(c)
+    for name in names[1:]:
+        _ablate(c, name)
+    return c

@@ -1,0 +1,265 @@
+"""Tiny randomly initialised models for the ``demo`` preset (no download, seconds on a CPU).
+
+:func:`write_demo_models` builds, from the small configs below, a complete diffusers-format
+GLIGEN pipeline folder and a Hugging Face ``CLIPModel`` folder, exactly as the real checkpoints
+are laid out, so the demo exercises the same loading code (``weights.load_pipeline`` /
+``weights.load_clip``) as the paper preset::
+
+    <folder>/pipeline/   model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    <folder>/clip/       config.json + model.safetensors (the DSAlign CLIP)
+    <folder>/demo_models.json   what was written (seed, configs), checked on reuse
+
+The tokenizer is ``text.write_word_vocab`` over the shapes dataset's ``VOCABULARY`` (every word
+of the demo captions is one token). Sizes, for 64x64 images: VAE downsamples 4x (16x16
+latents, 3 levels of 16/32/32 channels); the U-Net has 2 levels (32/64 channels, 16x16 and 8x8)
+with cross-attention in ``down_blocks_0``, the mid block (8x8) and ``up_blocks_1`` (16x16, the
+"decoder 16x16" layers MAAlign uses by default); text encoder and CLIP have width 32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+DEMO_RESOLUTION = 64
+
+SCHEDULER_CONFIG = {
+    # Stable Diffusion 1.x's scheduler_config.json (PNDM, scaled_linear 0.00085 -> 0.012).
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionGLIGENPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def unet_config_dict(sample_size: int = DEMO_RESOLUTION // 4) -> dict:
+    """diffusers ``UNet2DConditionModel`` config.json of the demo GLIGEN U-Net."""
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 8,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+        "center_input_sample": False,
+        "use_linear_projection": False,
+        "upcast_attention": False,
+        "only_cross_attention": False,
+        "attention_type": "gated",
+    }
+
+
+def vae_config_dict(sample_size: int = DEMO_RESOLUTION) -> dict:
+    """diffusers ``AutoencoderKL`` config.json of the demo VAE (4x downsampling)."""
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [16, 32, 32],
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": sample_size,
+        "scaling_factor": 0.18215,
+    }
+
+
+def _text_config(vocab_size: int, bos: int, eos: int, layers: int) -> dict:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "projection_dim": 32,
+    }
+
+
+def text_encoder_config_dict(vocab_size: int, bos: int, eos: int) -> dict:
+    """transformers ``CLIPTextModel`` config.json of the demo SD text encoder (width 32)."""
+    return dict(_text_config(vocab_size, bos, eos, 2), model_type="clip_text_model",
+                architectures=["CLIPTextModel"])
+
+
+def clip_config_dict(vocab_size: int, bos: int, eos: int) -> dict:
+    """transformers ``CLIPModel`` config.json of the demo DSAlign CLIP (32x32 images)."""
+    return {
+        "model_type": "clip",
+        "architectures": ["CLIPModel"],
+        "projection_dim": 16,
+        "logit_scale_init_value": 2.6592,
+        "text_config": dict(_text_config(vocab_size, bos, eos, 1), projection_dim=16),
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_channels": 3,
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": 16,
+        },
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoModels:
+    """Paths of the written demo models."""
+
+    pipeline: str  # diffusers GLIGEN pipeline folder
+    clip: str  # Hugging Face CLIPModel folder
+
+
+def demo_vocabulary() -> tuple[str, ...]:
+    """The words of the shapes dataset (each becomes one token of the demo tokenizer)."""
+    from goal_jax.data.shapes import VOCABULARY
+
+    return tuple(VOCABULARY)
+
+
+def _init_params(module, seed: int) -> dict:
+    """Random parameters for ``module`` without running it (no compile: seconds, not minutes).
+
+    Shapes come from ``jax.eval_shape``; values are drawn per parameter from a numpy generator
+    seeded by (seed, parameter path): Dense/Conv ``kernel`` ~ N(0, 1/fan_in), ``embedding`` and
+    other free tensors ~ N(0, 0.02^2), norm ``scale`` = 1, ``bias`` = 0, ``logit_scale`` =
+    log(1/0.07) and the GLIGEN gates ``alpha_attn``/``alpha_dense`` = 0, as diffusers and
+    transformers initialise them.
+    """
+    from flax import traverse_util
+
+    from goal_jax import weights
+
+    shapes = traverse_util.flatten_dict(weights.param_shapes(module, *module.dummy_inputs()))
+    params = {}
+    for path, spec in shapes.items():
+        name = "/".join(path)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        leaf, shape = path[-1], tuple(spec.shape)
+        if leaf == "kernel":
+            fan_in = int(np.prod(shape[:-1])) or 1
+            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+        elif leaf == "scale":
+            value = np.ones(shape)
+        elif leaf == "bias" or leaf.startswith("alpha_"):
+            value = np.zeros(shape)
+        elif leaf == "logit_scale":
+            value = np.full(shape, np.log(1 / 0.07))
+        else:
+            value = rng.normal(0.0, 0.02, shape)
+        params[path] = value.astype(np.float32)
+    return traverse_util.unflatten_dict(params)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def write_demo_models(folder: str, seed: int = 0, words: Sequence[str] | None = None,
+                      resolution: int = DEMO_RESOLUTION) -> DemoModels:
+    """Writes (or reuses, when already written with the same settings) the demo models.
+
+    Args:
+      folder: output folder (created).
+      seed: PRNG seed of the random initialisation (same seed -> identical files).
+      words: tokenizer words (default: the shapes dataset's vocabulary).
+      resolution: training image side in pixels (sets the VAE / U-Net ``sample_size``); must
+        be a multiple of 8 (VAE 4x times the U-Net's 2x).
+
+    Returns:
+      DemoModels with the pipeline and CLIP folder paths.
+    """
+    from goal_jax import text as text_lib
+    from goal_jax import weights
+    from goal_jax.models import clip as clip_lib
+    from goal_jax.models import unet as unet_lib
+    from goal_jax.models import vae as vae_lib
+
+    if resolution % 8:
+        raise ValueError(f"demo resolution must be a multiple of 8, got {resolution}")
+    words = tuple(demo_vocabulary() if words is None else words)
+    paths = DemoModels(os.path.join(folder, "pipeline"), os.path.join(folder, "clip"))
+    marker = os.path.join(folder, "demo_models.json")
+    settings = {"seed": int(seed), "resolution": int(resolution), "words": list(words)}
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == settings:
+                return paths
+
+    tokenizer_dir = os.path.join(paths.pipeline, "tokenizer")
+    text_lib.write_word_vocab(tokenizer_dir, words)
+    tokenizer = text_lib.load_tokenizer(tokenizer_dir)
+    vocab_size = len(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    keys = np.random.SeedSequence(seed).generate_state(4)
+    components = [
+        ("unet", unet_lib.UNet2DConditionConfig.from_dict(unet_config_dict(resolution // 4)),
+         unet_lib.UNet2DConditionModel, "diffusion_pytorch_model", paths.pipeline),
+        ("vae", vae_lib.AutoencoderKLConfig.from_dict(vae_config_dict(resolution)),
+         vae_lib.AutoencoderKL, "diffusion_pytorch_model", paths.pipeline),
+        ("text_encoder", clip_lib.CLIPTextConfig.from_dict(
+            text_encoder_config_dict(vocab_size, bos, eos)),
+         clip_lib.CLIPTextModel, "model", paths.pipeline),
+        ("", clip_lib.CLIPConfig.from_dict(clip_config_dict(vocab_size, bos, eos)),
+         clip_lib.CLIPModel, "model", paths.clip),
+    ]
+    for (sub, config, cls, stem, root), key in zip(components, keys):
+        module = cls(config=config)
+        params = _init_params(module, int(key) % (2**31))
+        weights.write_safetensors(os.path.join(root, sub) if sub else root,
+                                  weights.to_state_dict(params), config.to_dict(), stem)
+    os.makedirs(os.path.join(paths.pipeline, "scheduler"), exist_ok=True)
+    _write_json(os.path.join(paths.pipeline, "scheduler", "scheduler_config.json"),
+                SCHEDULER_CONFIG)
+    _write_json(os.path.join(paths.pipeline, "model_index.json"), MODEL_INDEX)
+    _write_json(marker, settings)
+    return paths

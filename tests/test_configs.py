@@ -1,0 +1,220 @@
+"""configs/goal.py: presets, ablations, overrides and validate_config's messages (no model is
+loaded or compiled here)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE_UNET = os.path.join(REPO, "tests", "fixtures", "sd14_gligen_unet_config.json")
+SD14_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+
+
+def _load_goal():
+    spec = importlib.util.spec_from_file_location("goal_config_test",
+                                                  os.path.join(REPO, "configs", "goal.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+goal = _load_goal()
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No hub access and an empty hub cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+
+
+@pytest.fixture
+def local_paper(tmp_path):
+    """A paper config pointing at local folders: an SD-1.4-shaped pipeline (configs only), a
+    CLIP folder and a dataset folder."""
+    pipe = tmp_path / "gligen"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "vae").mkdir()
+    shutil.copy(FIXTURE_UNET, pipe / "unet" / "config.json")
+    (pipe / "vae" / "config.json").write_text(json.dumps(SD14_VAE))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "data").mkdir()
+    config = goal.get_config("paper")
+    goal.apply_overrides(config, {"train.model.pipeline": str(pipe),
+                                  "train.model.clip": str(tmp_path / "clip"),
+                                  "data.source": str(tmp_path / "data")})
+    return config
+
+
+def test_paper_preset_values():
+    from goal_jax import train as train_lib
+
+    for c in (goal.get_config(), goal.get_config("paper")):
+        t = c.train
+        assert c.preset == "paper" and not c.demo_models
+        assert t.model.pipeline == "masterful/gligen-1-4-generation-text-box"
+        assert t.model.clip == "openai/clip-vit-large-patch14"
+        assert (t.alpha, t.beta) == (1e-2, 1e-3)
+        assert t.optimizer.learning_rate == 5e-5 and t.optimizer.warmup_steps == 0
+        assert t.steps == 14_000 and t.per_device_batch_size == 1
+        assert c.data.resolution == 512
+        assert (t.maa_part, t.maa_resolution, tuple(t.maa_layers)) == ("up", 16, ())
+        assert tuple(t.trainable_patterns) == train_lib.PAPER_TRAINABLE
+        assert t.dsa_local and t.dsa_global and not t.train_position_net
+    # every field of train.py's default config is present, with the same type
+    default = train_lib.default_train_config()
+    from goal_jax import loop
+
+    assert set(loop._fields(default)) <= set(loop._fields(goal.get_config().train))
+
+
+def test_demo_preset_values():
+    c = goal.get_config("demo")
+    assert c.demo_models and c.data.resolution == 64 and c.data.shapes_items > 0
+    assert c.train.alpha > 0 and c.train.beta > 0 and c.train.dsa_local and c.train.dsa_global
+    assert c.train.steps <= 100
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("ldm_only", {"alpha": 0.0, "beta": 0.0}),
+    ("no_dsalign", {"alpha": 0.0, "beta": 1e-3}),
+    ("no_maalign", {"alpha": 1e-2, "beta": 0.0}),
+    ("dsalign_local", {"dsa_local": True, "dsa_global": False}),
+    ("dsalign_global", {"dsa_local": False, "dsa_global": True}),
+    ("maalign_mid8", {"maa_part": "mid", "maa_resolution": 8}),
+    ("maalign_up64", {"maa_part": "up", "maa_resolution": 64}),
+    ("maalign_up32", {"maa_part": "up", "maa_resolution": 32}),
+    ("maalign_up16", {"maa_part": "up", "maa_resolution": 16}),
+])
+def test_ablations(name, expected):
+    c = goal.get_config(f"paper,{name}")
+    for key, value in expected.items():
+        assert c.train[key] == value, (name, key)
+    paper = goal.get_config("paper")
+    changed = {k for k in paper.train.keys() if k != "optimizer" and k != "model"
+               and paper.train[k] != c.train[k]}
+    assert changed <= set(expected), (name, changed)
+    assert set(goal.ABLATIONS) >= {name}
+
+
+def test_unknown_preset_and_ablation():
+    with pytest.raises(ValueError, match=r"unknown preset 'papr'.*one of \['paper', 'demo'\]"):
+        goal.get_config("papr")
+    with pytest.raises(ValueError, match=r"unknown ablation 'no_mal' in config string "
+                                         r"'paper,no_mal'"):
+        goal.get_config("paper,no_mal")
+
+
+def test_overrides():
+    c = goal.get_config("demo")
+    goal.apply_overrides(c, {"train.steps": 100, "train.optimizer.learning_rate": 1e-4})
+    assert c.train.steps == 100 and c.train.optimizer.learning_rate == 1e-4
+    with pytest.raises(ValueError, match=r"unknown config field 'train.stpes' \(did you mean "
+                                         r"train.steps"):
+        goal.apply_overrides(c, {"train.stpes": 5})
+    with pytest.raises(ValueError, match=r"unknown config field 'foo.bar'"):
+        goal.check_override_keys(c, ["train.steps", "foo.bar"])
+    with pytest.raises(ValueError, match=r"config field 'train.steps'"):
+        goal.apply_overrides(c, {"train.steps": "many"})
+
+
+def test_valid_configs_pass(local_paper):
+    goal.validate_config(local_paper)
+    goal.validate_config(goal.get_config("demo"))
+    goal.validate_config(goal.get_config("demo,maalign_mid8"))
+
+
+def test_hub_id_offline_is_a_clear_error(offline, tmp_path):
+    c = goal.get_config("paper")
+    goal.apply_overrides(c, {"data.source": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"train.model.clip: 'openai/clip-vit-large-patch14' is "
+                                         r"not a local folder and this machine is offline.*"
+                                         r"huggingface-cli download"):
+        goal.validate_config(c)
+
+
+def test_missing_folders(local_paper, tmp_path):
+    c = goal.get_config("paper")
+    goal.apply_overrides(c, {"train.model.clip": str(tmp_path / "no_clip"),
+                             "data.source": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"train.model.clip: folder not found: .*no_clip"):
+        goal.validate_config(c)
+    goal.apply_overrides(local_paper, {"data.source": str(tmp_path / "no_data")})
+    with pytest.raises(ValueError, match=r"data.source: folder not found: .*no_data"):
+        goal.validate_config(local_paper)
+    goal.apply_overrides(local_paper, {"data.source": ""})
+    with pytest.raises(ValueError, match=r"give data.source .* or data.data_dir"):
+        goal.validate_config(local_paper)
+
+
+def test_pipeline_folder_without_unet(local_paper, tmp_path):
+    (tmp_path / "empty_pipe").mkdir()
+    goal.apply_overrides(local_paper, {"train.model.pipeline": str(tmp_path / "empty_pipe")})
+    with pytest.raises(ValueError, match=r"has no unet/ subfolder"):
+        goal.validate_config(local_paper)
+
+
+def test_resolution_not_divisible(local_paper):
+    goal.apply_overrides(local_paper, {"data.resolution": 500})
+    with pytest.raises(ValueError, match=r"data.resolution=500 is not divisible by 64 \(the VAE "
+                                         r"downsamples 8x and the U-Net 8x more\)"):
+        goal.validate_config(local_paper)
+    c = goal.get_config("demo")
+    goal.apply_overrides(c, {"data.resolution": 68})
+    with pytest.raises(ValueError, match=r"data.resolution=68 is not divisible by 8"):
+        goal.validate_config(c)
+
+
+def test_maalign_layers_must_exist():
+    with pytest.raises(ValueError, match=r"train.maa_part/train.maa_resolution: no up "
+                                         r"cross-attention layers at resolution 64"):
+        goal.validate_config(goal.get_config("demo,maalign_up64"))
+
+
+def test_inconsistent_values(local_paper):
+    cases = [
+        ({"train.steps": 0}, r"train.steps must be >= 1"),
+        ({"train.alpha": -1.0}, r"train.alpha must be >= 0"),
+        ({"train.dsa_local": False, "train.dsa_global": False},
+         r"dsa_local and train.dsa_global are both off while train.alpha > 0"),
+        ({"train.caption_dropout": 1.0}, r"train.caption_dropout must be in \[0, 1\)"),
+        ({"train.dtype": "float8"}, r"train.dtype must be float32, bfloat16 or float16"),
+        ({"data.max_boxes": 40}, r"data.max_boxes must be in \[1, 30\]"),
+        ({"checkpoint.max_to_keep": 0}, r"checkpoint.max_to_keep must be >= 1"),
+        ({"sample.layouts": ('{"caption": "x", "phrases": ["a"]}',)},
+         r"sample.layouts\[0\]: .*missing key 'boxes'"),
+    ]
+    for overrides, message in cases:
+        c = goal.get_config("demo")
+        goal.apply_overrides(c, overrides)
+        with pytest.raises(ValueError, match=message):
+            goal.validate_config(c)
+
+
+def test_train_script_rejects_bad_config_before_loading(tmp_path):
+    """scripts/train.py exits 2 with one line for an unknown field or preset."""
+    script = os.path.join(REPO, "scripts", "train.py")
+    cfg = os.path.join(REPO, "configs", "goal.py")
+    runs = [
+        ([f"--config={cfg}:demo", "--config.train.stepz=3"],
+         "unknown config field 'train.stepz' (did you mean train.steps"),
+        ([f"--config={cfg}:demo,maalign_up64"],
+         "no up cross-attention layers at resolution 64"),
+    ]
+    for extra, message in runs:
+        proc = subprocess.run([sys.executable, script, "--workdir", str(tmp_path / "w")] + extra,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr, proc.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "w" / "checkpoints")
