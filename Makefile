@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 # The demo: tiny random models + the synthetic shapes dataset, trained on the CPU in a few
 # minutes (checkpoints, TensorBoard and metrics.jsonl in runs/demo), then a few layouts sampled
