@@ -128,13 +128,18 @@ def test_api_retries_after_errors_with_backoff(server, tmp_path):
 
 
 def test_api_rate_limit_spaces_requests(server, tmp_path):
-    source, _ = make_source(server, rpm=600)  # one request start per 0.1 s
+    source, client = make_source(server, rpm=600)  # one request start per 0.1 s
+    waits = []
+    wait = client.limiter.wait
+    client.limiter.wait = lambda: (waits.append(wait()), waits[-1])[1]
     t0 = time.monotonic()
     generate_images.generate_all(RECORDS[:4], source, str(tmp_path), show_progress=False)
-    times = [r["t"] for r in server.requests]
-    gaps = np.diff(times)
-    assert len(times) == 4 and gaps.min() >= 0.095, gaps
-    assert time.monotonic() - t0 >= 0.3
+    elapsed = time.monotonic() - t0
+    # Every request start went through the limiter, and 4 starts need at least 3 intervals.
+    # (Gaps between arrivals at the server also hold a loaded machine's scheduling delays, so
+    # they are not asserted; test_rate_limiter_with_fake_clock checks the spacing exactly.)
+    assert len(server.requests) == 4 and len(waits) == 4 and waits[0] == 0.0
+    assert elapsed >= 0.3 - 1e-3, elapsed
 
 
 def test_rate_limiter_with_fake_clock():
