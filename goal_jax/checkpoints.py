@@ -377,11 +377,12 @@ def _component_module(kind: str, path: str, dtype, **module_options):
         from goal_jax.models import clip as lib
 
         return lib.CLIPTextModel(config=lib.CLIPTextConfig.from_dict(config, source=path),
-                                 dtype=dtype)
+                                 dtype=dtype, **module_options)
     if kind == "clip":
         from goal_jax.models import clip as lib
 
-        return lib.CLIPModel(config=lib.CLIPConfig.from_dict(config, source=path), dtype=dtype)
+        return lib.CLIPModel(config=lib.CLIPConfig.from_dict(config, source=path), dtype=dtype,
+                             **module_options)
     raise CheckpointError(f"unknown model kind {kind!r}; expected one of {COMPONENT_KINDS}")
 
 

@@ -36,7 +36,7 @@ Config fields read here (``default_train_config()``; configs/goal.py builds on i
   grounding_dropout       float in [0, 1), probability of the null grounding per item.
   gligen_scale            float, multiplies the gated self-attention residuals (1 = on).
   dtype                   "float32" | "bfloat16": compute dtype of all models.
-  remat                   bool, gradient checkpointing of U-Net and VAE blocks.
+  remat                   bool, gradient checkpointing of U-Net, VAE decoder and CLIP blocks.
   trainable_patterns      tuple of regexes (re.search) on U-Net parameter paths joined with
                           "/" (e.g. "up_blocks_1/attentions_0/transformer_blocks_0/attn2/to_q/
                           kernel"); default the paper's fusers + attn1 + attn2.
@@ -175,9 +175,11 @@ def load_models(config) -> tuple[GoalModels, dict]:
     # Either form of model folder: diffusers safetensors, or orbax params from scripts/convert.py.
     pipe = checkpoints.load_pipeline(config.model.pipeline, dtype=dtype, remat=config.remat,
                                      attention_maps=layers, require_grounding=True)
-    clip, clip_params = checkpoints.load_component(config.model.clip, "clip", dtype=dtype)
+    clip, clip_params = checkpoints.load_component(config.model.clip, "clip", dtype=dtype,
+                                                   remat=config.remat)
     null_ids = text_lib.tokenize(pipe.tokenizer, [""])[0]
-    models = GoalModels(pipe.unet, pipe.vae, pipe.text_encoder, clip,
+    vae = pipe.vae.clone(remat=config.remat)  # DSAlign backpropagates through the decoder
+    models = GoalModels(pipe.unet, vae, pipe.text_encoder, clip,
                         schedule_lib.DDPMSchedule.from_config(pipe.scheduler_config),
                         jnp.asarray(null_ids, jnp.int32))
     params = {"unet": pipe.unet_params, "vae": pipe.vae_params,

@@ -309,22 +309,22 @@ def _load(path, module, stems, *, ignore=(), rename=None, variant=None):
     return to_device(params)
 
 
-def load_clip(path: str, dtype=jnp.float32, variant: str | None = None):
+def load_clip(path: str, dtype=jnp.float32, variant: str | None = None, remat: bool = False):
     """Hugging Face ``CLIPModel`` folder -> (goal_jax CLIPModel, params)."""
     from goal_jax.models import clip as clip_lib
 
     config = clip_lib.CLIPConfig.from_dict(read_config(path), source=path)
-    model = clip_lib.CLIPModel(config=config, dtype=dtype)
+    model = clip_lib.CLIPModel(config=config, dtype=dtype, remat=remat)
     return model, _load(path, model, _TRANSFORMERS_STEMS, ignore=clip_lib.IGNORED_KEYS,
                         variant=variant)
 
 
-def load_clip_text(path: str, dtype=jnp.float32, variant: str | None = None):
+def load_clip_text(path: str, dtype=jnp.float32, variant: str | None = None, remat: bool = False):
     """Hugging Face ``CLIPTextModel`` folder (SD's ``text_encoder/``) -> (module, params)."""
     from goal_jax.models import clip as clip_lib
 
     config = clip_lib.CLIPTextConfig.from_dict(read_config(path), source=path)
-    model = clip_lib.CLIPTextModel(config=config, dtype=dtype)
+    model = clip_lib.CLIPTextModel(config=config, dtype=dtype, remat=remat)
     return model, _load(path, model, _TRANSFORMERS_STEMS, ignore=clip_lib.IGNORED_KEYS,
                         rename=clip_lib.rename_text_keys, variant=variant)
 

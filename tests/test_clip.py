@@ -173,6 +173,30 @@ def test_clip_bfloat16_within_tolerance(clip_a):
     assert rel <= BF16_TOL, rel
 
 
+def test_remat_same_outputs_and_gradients(clip_a):
+    """remat=True recomputes encoder layers in the backward pass: same values, same gradients."""
+    _, folder, _, ids, pixels = clip_a
+    pixels = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+
+    def loss_fn(module, params):
+        text = module.apply({"params": params}, jnp.asarray(ids), method="encode_text")
+        image = module.apply({"params": params}, pixels, method="encode_image")
+        return jnp.sum(text.embeds * image.embeds[:1]) + jnp.mean(text.last_hidden_state ** 2)
+
+    results = []
+    for remat in (False, True):
+        module, params = weights.load_clip(folder, remat=remat)
+        assert module.remat is remat
+        results.append(jax.jit(jax.value_and_grad(lambda p, m=module: loss_fn(m, p)))(params))
+    (v0, g0), (v1, g1) = results
+    assert abs(float(v0) - float(v1)) <= 1e-6 * max(1.0, abs(float(v0)))
+    # Recomputation may fuse differently: float32 rounding, relative to the gradient scale.
+    diffs = jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g0, g1))
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g0))
+    assert max(diffs) <= 1e-5 * scale, (max(diffs), scale)
+
+
 def test_eos_rules_differ_on_test_ids():
     """The test ids tell the two pooled-token rules apart, so parity checks the right one."""
     legacy_a = np.asarray(clip.eos_positions(jnp.asarray(IDS_A), 2))

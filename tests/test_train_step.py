@@ -271,6 +271,7 @@ def test_load_models_from_config(setup, tokenizer_dir):
     models, params = train.load_models(cfg)
     assert models.unet.attention_maps == tiny.MAA_LAYERS_FLAX
     assert models.unet.dtype == jnp.bfloat16 and models.unet.remat
+    assert models.vae.remat and models.clip.remat and models.clip.dtype == jnp.bfloat16
     assert models.clip_image_size == tiny.IMAGE and models.scaling_factor == 0.5
     empty = text.tokenize(text.load_tokenizer(tokenizer_dir), [""])[0]
     np.testing.assert_array_equal(np.asarray(models.null_input_ids), empty)

@@ -345,14 +345,19 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """``num_hidden_layers`` CLIPEncoderLayers; ``remat`` recomputes each layer's activations in
+    the backward pass (DSAlign backpropagates through the vision tower once per box)."""
+
     config: Any
     causal: bool
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
+        layer = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.causal, self.dtype, name=f"layers_{i}")(x)
+            x = layer(self.config, self.causal, self.dtype, name=f"layers_{i}")(x)
         return x
 
 
@@ -365,6 +370,7 @@ class CLIPTextEmbeddings(nn.Module):
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids):
@@ -395,6 +401,7 @@ class CLIPTextTransformer(nn.Module):
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids):
@@ -409,7 +416,7 @@ class CLIPTextTransformer(nn.Module):
                 f"max_position_embeddings {c.max_position_embeddings}"
             )
         x = CLIPTextEmbeddings(c, self.dtype, name="embeddings")(input_ids)
-        x = CLIPEncoder(c, causal=True, dtype=self.dtype, name="encoder")(x)
+        x = CLIPEncoder(c, causal=True, dtype=self.dtype, remat=self.remat, name="encoder")(x)
         x = _layer_norm(c.layer_norm_eps, self.dtype, "final_layer_norm")(x)
         pooled = x[jnp.arange(x.shape[0]), eos_positions(input_ids, c.eos_token_id)]
         return x, pooled
@@ -444,6 +451,7 @@ class CLIPVisionTransformer(nn.Module):
 
     config: CLIPVisionConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, pixels):
@@ -458,7 +466,7 @@ class CLIPVisionTransformer(nn.Module):
             )
         x = CLIPVisionEmbeddings(c, self.dtype, name="embeddings")(pixels)
         x = _layer_norm(c.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
-        x = CLIPEncoder(c, causal=False, dtype=self.dtype, name="encoder")(x)
+        x = CLIPEncoder(c, causal=False, dtype=self.dtype, remat=self.remat, name="encoder")(x)
         return _layer_norm(c.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
 
 
@@ -472,9 +480,10 @@ class CLIPTextModel(nn.Module):
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute encoder-layer activations in the backward pass
 
     def setup(self):
-        self.text_model = CLIPTextTransformer(self.config, self.dtype)
+        self.text_model = CLIPTextTransformer(self.config, self.dtype, self.remat)
 
     def encode_text(self, input_ids) -> CLIPTextOutput:
         """input_ids int [B, T] -> CLIPTextOutput(last_hidden_state [B,T,D], pooled [B,D], None)."""
@@ -493,11 +502,12 @@ class CLIPModel(nn.Module):
 
     config: CLIPConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute encoder-layer activations in the backward pass
 
     def setup(self):
         c = self.config
-        self.text_model = CLIPTextTransformer(c.text_config, self.dtype)
-        self.vision_model = CLIPVisionTransformer(c.vision_config, self.dtype)
+        self.text_model = CLIPTextTransformer(c.text_config, self.dtype, self.remat)
+        self.vision_model = CLIPVisionTransformer(c.vision_config, self.dtype, self.remat)
         self.text_projection = _dense(c.projection_dim, self.dtype, None, use_bias=False)
         self.visual_projection = _dense(c.projection_dim, self.dtype, None, use_bias=False)
         self.logit_scale = self.param(
