@@ -25,7 +25,7 @@ OUT=${OUT:-benchmarks/gpu_results}
 JAX_LIMIT=${JAX_LIMIT:-320}
 TORCH_LIMIT=${TORCH_LIMIT:-120}
 STEPS=${STEPS:-"--steps 5 --warmup 1 --sample-repeats 3"}  # timed train steps / sampling runs
-EXTRA=${EXTRA:-}          # e.g. EXTRA="--clip-remat" (proposed CLIP remat, both sides)
+EXTRA=${EXTRA:---clip-remat}  # PyTorch side: CLIP gradient checkpointing, as goal_jax's remat
 PY=${PYTHON:-python}
 WHEELS=benchmarks/wheels
 mkdir -p "$OUT"

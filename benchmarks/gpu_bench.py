@@ -14,12 +14,12 @@ Measurements (bf16 compute, float32 parameters and optimizer state, both sides):
   diffusers' ``StableDiffusionGLIGENPipeline`` in bfloat16 with SDPA attention
   (``num_images_per_prompt`` = batch).
 * ``train``: the GOAL train step with all three losses (paper weights), AdamW on fusers + attn1
-  + attn2, batch 1 and 8 (``--train-batches``), remat of the U-Net and VAE-decoder blocks.
-  goal_jax: ``train.make_train_step`` (dtype bfloat16, remat=True); PyTorch:
-  ``tests/reference/goal_reference.train_step`` under ``torch.autocast(bfloat16)`` with
-  diffusers' gradient checkpointing of U-Net and VAE (CLIP without checkpointing on both sides,
-  unless ``--clip-remat``, which applies the PROPOSED ``nn.remat`` of goal_jax's CLIP encoder
-  layers and transformers' CLIP gradient checkpointing).
+  + attn2, batch 1 and 8 (``--train-batches``).
+  goal_jax: ``train.make_train_step`` (dtype bfloat16, remat=True: U-Net blocks, VAE decoder and
+  CLIP encoder layers); PyTorch: ``tests/reference/goal_reference.train_step`` under
+  ``torch.autocast(bfloat16)`` with diffusers' gradient checkpointing of U-Net and VAE, and with
+  ``--clip-remat`` (gpu.sh's default) transformers' CLIP gradient checkpointing too, so both
+  sides recompute the same blocks.
 * MFU = XLA FLOPs / median time / peak bf16 dense FLOP/s of the device (``--peak-tflops``, else
   from the device name: H100/H200 SXM 989, H100 PCIe 756, A100 312). Train FLOPs: XLA's cost
   analysis of the compiled step (includes remat recomputation, i.e. hardware FLOPs). Sampling
@@ -146,10 +146,6 @@ def run_jax(args) -> None:
     tok_dir = bm.write_tokenizer(os.path.join(args.out, "tokenizer"))
     tok = text.load_tokenizer(tok_dir)
 
-    if args.clip_remat:
-        from benchmarks.memory import _clip_layer_remat
-
-        _clip_layer_remat(True).__enter__()  # for the whole process
     # ---- sampling -------------------------------------------------------------------------
     start = time.perf_counter()
     mods = bm.jax_modules(size, tok_dir, dtype=dtype)
@@ -231,7 +227,7 @@ def run_jax(args) -> None:
                    lambda b=b: measure_sample(b))
         else:
             _guard(args.out, "jax", dict(base, bench="train", batch=b, remat=True,
-                                         clip_remat=bool(args.clip_remat)),
+                                         clip_remat=True),
                    lambda b=b: measure_train(b))
     banned = sorted(m for m in ("diffusers", "tensorflow", "clu") if m in sys.modules)
     _emit(args.out, "jax", dict(base, bench="imports", banned_modules_loaded=banned,
