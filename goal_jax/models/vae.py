@@ -278,6 +278,15 @@ class UNetMidBlock2D(nn.Module):
         return self.resnets[1](x)
 
 
+def _resnet_stack(block) -> list:
+    """``block.layers`` ResnetBlock2Ds (no time embedding): C_in -> C_out, then C_out -> C_out."""
+    return [
+        ResnetBlock2D(block.in_channels if i == 0 else block.out_channels, block.out_channels,
+                      groups=block.groups, eps=1e-6, dtype=block.dtype)
+        for i in range(block.layers)
+    ]
+
+
 class DownEncoderBlock2D(nn.Module):
     """``layers`` resnets (C_in -> C_out, then C_out -> C_out) and, unless last, a stride-2
     ``downsamplers_0`` with diffusers' bottom/right padding. [B,H,W,C_in] -> [B,H/2,W/2,C_out]."""
@@ -290,11 +299,7 @@ class DownEncoderBlock2D(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.resnets = [
-            ResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels,
-                          groups=self.groups, eps=1e-6, dtype=self.dtype)
-            for i in range(self.layers)
-        ]
+        self.resnets = _resnet_stack(self)
         if self.add_downsample:
             self.downsamplers = [Downsample2D(self.out_channels, padding=0, dtype=self.dtype)]
 
@@ -318,11 +323,7 @@ class UpDecoderBlock2D(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.resnets = [
-            ResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels,
-                          groups=self.groups, eps=1e-6, dtype=self.dtype)
-            for i in range(self.layers)
-        ]
+        self.resnets = _resnet_stack(self)
         if self.add_upsample:
             self.upsamplers = [Upsample2D(self.out_channels, dtype=self.dtype)]
 
