@@ -5,13 +5,13 @@ Generators: ``draw_layout`` (each box filled with its phrase's colour, determini
 matching colour "detector" gives known image metrics; the last test runs
 scripts/evaluate.py with the real grounded sampler on the tiny demo pipeline."""
 
-import importlib.util
 import json
 import os
 import zlib
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from goal_jax import layout as layout_lib
 from goal_jax import planner as P
@@ -19,7 +19,6 @@ from goal_jax.evaluation import compbench, metrics, nsr, report
 from goal_jax.evaluation.detector import Detection, GroundingDinoDetector
 from goal_jax.evaluation.generate import Request, load_images, render
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32_TOL = 1e-5
 
 
@@ -525,21 +524,13 @@ def test_compbench_prompt_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_{name}_script",
-                                                  os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluate_script_with_real_sampler(tmp_path, nsr_dir, monkeypatch):
     from conftest import TEST_WORDS
     from goal_jax import demo_models
 
     for var in (P.ENV_MODEL, P.ENV_LOCAL_LM):
         monkeypatch.delenv(var, raising=False)
-    evaluate = _load_script("evaluate")
+    evaluate = load_script("evaluate")
     # Planner metrics only (no model).
     out = tmp_path / "nsr"
     assert evaluate.main(["nsr", "--nsr", nsr_dir, "--output_dir", str(out)]) == 0

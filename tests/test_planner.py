@@ -3,18 +3,17 @@ LLM planner against a local fake OpenAI-compatible server, in-context example se
 and scripts/plan.py."""
 
 import http.server
-import importlib.util
 import json
 import os
 import threading
 
 import pytest
+from conftest import load_script
 
 from goal_jax import layout as layout_lib
 from goal_jax import planner as P
 from goal_jax.evaluation import metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _groups(layout):
@@ -361,18 +360,10 @@ def test_transformers_chat_client(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_{name}_script",
-                                                  os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_plan_script(tmp_path, monkeypatch, capsys):
     for var in (P.ENV_MODEL, P.ENV_LOCAL_LM):
         monkeypatch.delenv(var, raising=False)
-    plan = _load_script("plan")
+    plan = load_script("plan")
     captions = tmp_path / "captions.txt"
     captions.write_text("a red cat to the left of a blue dog\n\nthree apples\n")
     out = tmp_path / "layouts.jsonl"
