@@ -4,7 +4,6 @@ and scripts/plan.py."""
 
 import http.server
 import json
-import os
 import threading
 
 import pytest
