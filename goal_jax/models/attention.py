@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from goal_jax.models import ops
 from goal_jax.models.layers import GroupNorm
 
 Dtype = Any
@@ -47,7 +48,7 @@ class Attention(nn.Module):
       upcast: compute the attention in float32 (diffusers' ``upcast_attention``).
       record_probs: materialise ``softmax(QK^T / sqrt(d))`` in float32 and sow it as
         ``intermediates/attention_probs`` with shape [B, heads, T, S]; otherwise use
-        ``jax.nn.dot_product_attention`` and sow nothing.
+        :func:`goal_jax.models.ops.dot_product_attention` and sow nothing.
       dtype: compute dtype.
     """
 
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         else:
             if self.upcast:
                 q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+            out = ops.dot_product_attention(q, k, v, scale=scale)
         out = out.reshape(batch, tokens, inner).astype(self.dtype)
         return _dense(self.out_dim, self.dtype, "to_out_0")(out)
 
@@ -115,6 +116,10 @@ class GatedSelfAttentionDense(nn.Module):
     ``x += s * tanh(alpha_attn) * attn(norm1([x, linear(objs)]))[:, :n_visual]``
     ``x += s * tanh(alpha_dense) * ff(norm2(x))`` where ``s`` is the runtime ``gligen_scale``
     (1 = diffusers' enabled fuser, 0 = disabled fuser).
+
+    Only the n_visual kept outputs are computed: the queries are the visual rows of
+    ``norm1([x, objs])`` and the keys / values all rows (diffusers computes the grounding-token
+    rows too and discards them; the kept rows are the same).
     """
 
     dim: int
@@ -131,9 +136,10 @@ class GatedSelfAttentionDense(nn.Module):
         n_visual = x.shape[1]
         objs = _dense(self.dim, self.dtype, "linear")(objs.astype(self.dtype))
         h = layer_norm(jnp.concatenate([x, objs], axis=1), "norm1")
-        h = Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype, name="attn")(h)
+        h = Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype, name="attn")(
+            h[:, :n_visual], context=h)
         gate = (scale * jnp.tanh(alpha_attn)).astype(self.dtype)
-        x = x + gate * h[:, :n_visual]
+        x = x + gate * h
         h = FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(x, "norm2"))
         gate = (scale * jnp.tanh(alpha_dense)).astype(self.dtype)
         return x + gate * h

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from goal_jax.models import ops
+
 # Checkpoint keys that hold buffers, not parameters (older transformers saved them).
 IGNORED_KEYS = (r"(^|\.)position_ids$",)
 
@@ -307,7 +309,7 @@ class CLIPAttention(nn.Module):
         q = split(_dense(self.hidden_size, self.dtype, "q_proj")(x))
         k = split(_dense(self.hidden_size, self.dtype, "k_proj")(x))
         v = split(_dense(self.hidden_size, self.dtype, "v_proj")(x))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = ops.dot_product_attention(q, k, v, causal=self.causal)
         return _dense(self.hidden_size, self.dtype, "out_proj")(out.reshape(b, t, -1))
 
 
@@ -436,7 +438,9 @@ class CLIPVisionEmbeddings(nn.Module):
         )
         p = c.patch_size
         x = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32, name="patch_embedding")(pixels)
+                    dtype=self.dtype, param_dtype=jnp.float32,
+                    conv_general_dilated=ops.conv_general_dilated,
+                    name="patch_embedding")(pixels)
         b = x.shape[0]
         x = x.reshape(b, -1, c.hidden_size)  # row-major patches, as torch flatten(2)
         cls = jnp.broadcast_to(class_embedding.astype(x.dtype), (b, 1, c.hidden_size))

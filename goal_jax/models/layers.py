@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from goal_jax.models import ops
+
 Dtype = Any
 
 
@@ -38,11 +40,14 @@ class GroupNorm(nn.GroupNorm):
 
 def conv3x3(features: int, dtype: Dtype, name: str, stride: int = 1, padding: Any = 1) -> nn.Conv:
     """A 3x3 ``nn.Conv`` with float32 parameters, ``padding`` pixels on every side (int) or an
-    explicit flax padding spec ``((top, bottom), (left, right))``."""
+    explicit flax padding spec ``((top, bottom), (left, right))``. Tiny outputs (<= 4x4) are
+    computed by :func:`goal_jax.models.ops.conv_general_dilated` (same values, no XLA:CPU slow
+    path)."""
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+                   param_dtype=jnp.float32, conv_general_dilated=ops.conv_general_dilated,
+                   name=name)
 
 
 def conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from goal_jax.models import ops
 from goal_jax.models.layers import (
     Downsample2D,
     GroupNorm,
@@ -251,7 +252,7 @@ class Attention(nn.Module):
                        name="group_norm")(x)
         hs = hs.reshape(b, h * w, 1, c)  # [B, T, heads=1, C]
         q, k, v = dense("to_q")(hs), dense("to_k")(hs), dense("to_v")(hs)
-        out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(C), float32 logits
+        out = ops.dot_product_attention(q, k, v)  # scale 1/sqrt(C), float32 logits
         out = dense("to_out_0")(out.reshape(b, h * w, c))
         return x + out.reshape(b, h, w, c)
 

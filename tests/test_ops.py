@@ -1,0 +1,121 @@
+"""goal_jax.models.ops: the attention and convolution kernels equal their textbook definitions
+(jax.nn.dot_product_attention / lax.conv_general_dilated) in values and gradients, on every
+branch (small-map patches, patch embedding, fallback) and for the error cases."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from goal_jax.models import ops
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _rand(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("b,t,s,h,d,causal", [
+    (2, 9, 9, 3, 4, False), (2, 7, 5, 2, 8, False), (1, 6, 6, 2, 4, True), (3, 1, 4, 1, 16, False)])
+def test_attention_matches_jax_reference(b, t, s, h, d, causal):
+    rng = np.random.default_rng(0)
+    q, k, v = _rand(rng, b, t, h, d), _rand(rng, b, s, h, d), _rand(rng, b, s, h, d)
+    scale = 0.3
+
+    def ours(q, k, v):
+        return ops.dot_product_attention(q, k, v, scale=scale, causal=causal)
+
+    def ref(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+
+    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=2e-6, rtol=0)
+    w = _rand(rng, b, t, h, d)  # a random cotangent
+    g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, r in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=0)
+    # default scale is D ** -0.5
+    np.testing.assert_allclose(ops.dot_product_attention(q, k, v, causal=causal),
+                               jax.nn.dot_product_attention(q, k, v, is_causal=causal),
+                               atol=2e-6, rtol=0)
+
+
+def test_attention_bfloat16_keeps_float32_softmax():
+    """bf16 inputs: the error against float32 attention on the same (rounded) inputs is only the
+    bf16 rounding of the softmax weights and the output, and no larger than
+    jax.nn.dot_product_attention's in bf16."""
+    rng = np.random.default_rng(1)
+    q, k, v = (_rand(rng, 2, 16, 2, 8).astype(jnp.bfloat16) * 4 for _ in range(3))
+    ref = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+    out = ops.dot_product_attention(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+    err_jax = float(jnp.max(jnp.abs(jax.nn.dot_product_attention(q, k, v).astype(jnp.float32)
+                                    - ref)))
+    assert err <= 0.01 * float(jnp.max(jnp.abs(ref)))
+    assert err <= err_jax * 1.01
+
+
+def test_attention_errors():
+    x = jnp.zeros((2, 4, 8))
+    with pytest.raises(ValueError, match=r"expected \[B, T, H, D\] inputs"):
+        ops.dot_product_attention(x, x, x)
+    q, k = jnp.zeros((1, 3, 1, 4)), jnp.zeros((1, 5, 1, 4))
+    with pytest.raises(ValueError, match="causal needs T == S, got 3 and 5"):
+        ops.dot_product_attention(q, k, k, causal=True)
+
+
+# (input B,H,W,Cin; kernel; stride; padding; expected branch)
+CONVS = [
+    ((2, 2, 2, 5), (3, 3), (1, 1), ((1, 1), (1, 1)), "patches"),      # 2x2 map
+    ((2, 4, 4, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), "patches"),      # 4x4 = 16 positions
+    ((1, 3, 5, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), "patches"),      # odd, non-square
+    ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1)), "patches"),      # stride-2 -> 4x4
+    ((1, 7, 7, 2), (3, 3), (2, 2), ((0, 1), (0, 1)), "patches"),      # VAE downsample pad
+    ((3, 12, 12, 3), (4, 4), (4, 4), "VALID", "patchify"),            # patch embedding 3x3
+    ((2, 16, 16, 3), (4, 4), (4, 4), ((0, 0), (0, 0)), "patchify"),
+    ((1, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), "lax"),          # 64 positions
+    ((1, 22, 22, 2), (4, 4), (4, 4), "VALID", "lax"),                 # 22 not divisible by 4
+]
+
+
+@pytest.mark.parametrize("in_shape,kernel,stride,padding,branch", CONVS)
+def test_conv_matches_lax(in_shape, kernel, stride, padding, branch, monkeypatch):
+    rng = np.random.default_rng(2)
+    x = _rand(rng, *in_shape)
+    w = _rand(rng, *kernel, in_shape[-1], 6) * 0.2
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    calls = []
+    real = lax.conv_general_dilated
+    monkeypatch.setattr(ops.lax, "conv_general_dilated",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def ours(x, w):
+        return ops.conv_general_dilated(x, w, stride, padding, dimension_numbers=dn)
+
+    def ref(x, w):
+        return real(x, w, stride, padding, dimension_numbers=dn)
+
+    out = ours(x, w)
+    assert bool(calls) == (branch == "lax")  # the expected branch ran
+    np.testing.assert_allclose(out, ref(x, w), atol=3e-6, rtol=0)
+    cot = _rand(rng, *out.shape)
+    g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=(0, 1))(x, w)
+    for a, r in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=0)
+
+
+def test_flax_conv_with_ops_keeps_parameters_and_values():
+    rng = np.random.default_rng(3)
+    x = _rand(rng, 2, 2, 2, 4)
+    plain = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+    fast = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)),
+                   conv_general_dilated=ops.conv_general_dilated)
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        fast.init(jax.random.PRNGKey(0), x))
+    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=3e-6, rtol=0)
