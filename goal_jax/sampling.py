@@ -11,8 +11,9 @@ It follows diffusers' ``StableDiffusionGLIGENPipeline`` (text-box generation) st
   negative caption and the *same* boxes and phrase embeddings with ``masks = 0`` (null
   grounding); ``eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)``;
 * scheduled sampling: the gated self-attention layers are on for the first
-  ``num_grounding_steps = int(beta * len(timesteps))`` model calls and off after
-  (``gligen_scale = 0``), ``beta = 0.3`` by default as GLIGEN;
+  ``num_grounding_steps = int(beta * len(timesteps))`` model calls and off after (skipped, as
+  diffusers' disabled fusers; two loops, so no step computes a fuser it does not use),
+  ``beta = 0.3`` by default as GLIGEN;
 * initial latents: standard normal noise [h, w, C] per item from ``jax.random.PRNGKey(seed)``
   (so an image depends on its own seed only, not on the batch it is in), times the sampler's
   ``init_noise_sigma``;
@@ -334,15 +335,15 @@ class GroundedSampler:
             latents = noise * init_sigma
             state = sampler.init_state(latents)
 
-            def body(i, carry):
+            def body(i, carry, grounding_on: bool):
                 latents, state = carry
                 t = timesteps[i]
                 model_input = _interleave(latents, latents) if use_cfg else latents
                 model_input = jax.lax.with_sharding_constraint(model_input, batch_sharding)
                 t_batch = jnp.full((model_input.shape[0],), t, jnp.int32)
-                gligen_scale = jnp.where(i < n_ground, 1.0, 0.0).astype(jnp.float32)
-                kwargs = {"grounding": grounding, "gligen_scale": gligen_scale} if grounded \
-                    else {"grounding": None}
+                # Grounding off = diffusers' disabled fusers: the gated self-attention layers
+                # (and the position net) are skipped, not multiplied by 0.
+                kwargs = {"grounding": grounding if grounding_on else None}
                 eps = unet.apply({"params": params["unet"]}, model_input, t_batch, context,
                                  **kwargs)
                 eps = jnp.asarray(eps, jnp.float32)
@@ -357,7 +358,14 @@ class GroundedSampler:
                 latents, state = sampler.step(state, eps, i, latents, noise=step_noise)
                 return latents, state
 
-            latents, _ = jax.lax.fori_loop(0, num_calls, body, (latents, state))
+            carry = (latents, state)
+            if grounded:  # model calls [0, n_ground) with grounding, then without
+                n_on = jnp.clip(n_ground, 0, num_calls)
+                carry = jax.lax.fori_loop(0, n_on, lambda i, c: body(i, c, True), carry)
+                carry = jax.lax.fori_loop(n_on, num_calls, lambda i, c: body(i, c, False), carry)
+            else:
+                carry = jax.lax.fori_loop(0, num_calls, lambda i, c: body(i, c, False), carry)
+            latents, _ = carry
             image = vae.apply({"params": params["vae"]}, latents / scaling, method="decode")
             image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return image, jnp.round(image * 255).astype(jnp.uint8)
