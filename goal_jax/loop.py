@@ -203,6 +203,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(1 <= d.max_boxes <= 30, f"config field data.max_boxes must be in [1, 30], got "
                                    f"{d.max_boxes}")
     _check(0 <= d.min_box_size < 1, "config field data.min_box_size must be in [0, 1)")
+    _check(0 <= t.encoded_box_slots <= d.max_boxes,
+           f"config field train.encoded_box_slots must be in [0, data.max_boxes={d.max_boxes}] "
+           f"(0 = all slots), got {t.encoded_box_slots}")
     _check(d.shapes_items >= 0, "config field data.shapes_items must be >= 0")
     _check(config.num_devices >= 0, "config field num_devices must be >= 0")
     if num_devices is not None and config.num_devices:
@@ -435,6 +438,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         d.data_dir, tokenizer_dir, batch_size=local_batch, resolution=d.resolution,
         max_boxes=d.max_boxes, seed=d.seed, flip=d.flip, random_crop=d.random_crop,
         min_box_size=d.min_box_size, source_dir=d.source or None, shuffle=d.shuffle)
+    slots = train_lib.encoded_box_slots(t, d.max_boxes)
+    too_many = data_iter.items_with_more_boxes(slots)
+    if too_many:
+        data_iter.close()
+        listed = ", ".join(f"{name} ({count} boxes)" for name, count in too_many[:10])
+        raise ValueError(
+            f"config field train.encoded_box_slots={t.encoded_box_slots}: {len(too_many)} "
+            f"dataset item(s) have more boxes: {listed}; raise it (max data.max_boxes="
+            f"{d.max_boxes}) or set it to 0 (all slots)")
 
     # ------------------------------------------------------------------ resume
     ckpt = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"),

@@ -35,6 +35,13 @@ Config fields read here (``default_train_config()``; configs/goal.py builds on i
   caption_dropout         float in [0, 1), probability of the empty caption per item.
   grounding_dropout       float in [0, 1), probability of the null grounding per item.
   gligen_scale            float, multiplies the gated self-attention residuals (1 = on).
+  encoded_box_slots       int K, 0 = all N: the phrase encoders and the DSAlign CLIP run on
+                          the first K box slots only. Padded slots' encodings are never used
+                          (GLIGEN replaces them by its null features, DSAlign masks them), so
+                          while every real box sits in the first K slots the loss and the
+                          gradients equal those of K = N; a batch with a real box in a slot
+                          >= K is an error (:func:`check_box_slots`; the data pipeline packs
+                          real boxes first, the training program checks the dataset at start).
   dtype                   "float32" | "bfloat16": compute dtype of all models.
   remat                   bool, gradient checkpointing of U-Net, VAE decoder and CLIP blocks.
   trainable_patterns      tuple of regexes (re.search) on U-Net parameter paths joined with
@@ -96,6 +103,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.caption_dropout = 0.0
     c.grounding_dropout = 0.0
     c.gligen_scale = 1.0
+    c.encoded_box_slots = 0
     c.dtype = "float32"
     c.remat = False
     c.trainable_patterns = PAPER_TRAINABLE
@@ -296,6 +304,31 @@ def create_train_state(params: Mapping, config, optimizer: optax.GradientTransfo
 # ==============================================================================================
 
 
+def encoded_box_slots(config, num_slots: int) -> int:
+    """K, the box slots whose phrases are encoded (``config.encoded_box_slots``; 0 = all N)."""
+    k = int(config.get("encoded_box_slots", 0) or 0)
+    if not 0 <= k <= num_slots:
+        raise ValueError(f"config field encoded_box_slots={k} must be in [0, {num_slots}] (the "
+                         f"batch has N={num_slots} box slots; 0 = all)")
+    return k or num_slots
+
+
+def check_box_slots(masks, k: int, item_names: Sequence[str] | None = None) -> None:
+    """Raises ValueError when a real box (``masks`` [B, N] nonzero, host array) sits in a slot
+    >= K, naming the batch items (``item_names`` or their indices) and their box counts."""
+    masks = np.asarray(masks)
+    if k >= masks.shape[1]:
+        return
+    bad = np.flatnonzero(np.any(masks[:, k:] != 0, axis=1))
+    if bad.size:
+        names = [item_names[i] if item_names is not None else f"item {i}" for i in bad[:10]]
+        counts = [int(np.count_nonzero(masks[i])) for i in bad[:10]]
+        raise ValueError(
+            f"encoded_box_slots={k} but {bad.size} batch item(s) have a real box in slot >= {k}: "
+            + ", ".join(f"{n} ({c} boxes)" for n, c in zip(names, counts))
+            + f"; raise encoded_box_slots (max {masks.shape[1]}) or set it to 0 (all slots)")
+
+
 def encode_text(models: GoalModels, frozen: Mapping, input_ids, phrase_input_ids):
     """-> context [B,77,D], phrase features [B,N,D] (pooled, SD text encoder), caption CLIP
     embeds [B,P], phrase CLIP embeds [B,N,P] (projected, not normalised)."""
@@ -339,8 +372,12 @@ def compute_losses(models: GoalModels, config, trainable: Mapping, frozen: Mappi
         item_valid = caption_keep.astype(jnp.float32)
     if grounding_keep is not None:
         box_valid = box_valid * grounding_keep[:, None]
+    n = batch["phrase_input_ids"].shape[1]
+    k = encoded_box_slots(config, n)
     context, phrase_feats, cap_embeds, phr_embeds = encode_text(
-        models, frozen, input_ids, batch["phrase_input_ids"])
+        models, frozen, input_ids, batch["phrase_input_ids"][:, :k])
+    if k < n:  # the slots >= K are padding: GLIGEN's position net replaces them by null features
+        phrase_feats = jnp.pad(phrase_feats, ((0, 0), (0, n - k), (0, 0)))
     s = models.schedule
     z_t = schedule_lib.add_noise(s, z0, noise, t)  # eq. 1
     grounding = {"boxes": batch["boxes"], "phrase_embeds": phrase_feats, "masks": box_valid}
@@ -354,7 +391,7 @@ def compute_losses(models: GoalModels, config, trainable: Mapping, frozen: Mappi
         z0_hat = schedule_lib.predict_x0(s, z_t, pred, t)  # eq. 4
         dsa = objectives.dsalign_loss(
             models.vae, frozen["vae"], models.clip, frozen["clip"], z0_hat, cap_embeds,
-            phr_embeds, batch["boxes"], box_valid, item_valid,
+            phr_embeds, batch["boxes"][:, :k], box_valid[:, :k], item_valid,
             scaling_factor=models.scaling_factor, image_size=models.clip_image_size,
             mean=tuple(config.clip_mean), std=tuple(config.clip_std),
             region_mode=config.dsa_region, local=config.dsa_local, global_=config.dsa_global)
@@ -475,6 +512,9 @@ def make_train_step(models: GoalModels, config, optimizer: optax.GradientTransfo
                                           out_shardings=(donated, rep), donate_argnums=(0,))
 
     def step(state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
+        masks = batch.get("masks")
+        if isinstance(masks, np.ndarray):  # host batch: check the slots without a device copy
+            check_box_slots(masks, encoded_box_slots(config, masks.shape[1]))
         frozen = state.frozen
         new_state, metrics = jitted(state.replace(frozen=None), frozen, dict(batch))
         return new_state.replace(frozen=frozen), metrics

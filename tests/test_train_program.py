@@ -177,6 +177,16 @@ def stored_data(workdir, step):
         manager.close()
 
 
+def test_encoded_box_slots_checked_against_the_dataset(shared, tmp_path):
+    """train.encoded_box_slots smaller than an item's box count stops before training, naming
+    the items (the shapes items have 1-4 boxes)."""
+    workdir = new_workdir(shared, tmp_path, "slots")
+    with pytest.raises(ValueError, match=r"config field train.encoded_box_slots=1: \d+ dataset "
+                                         r"item\(s\) have more boxes: \S+ \([2-4] boxes\)"):
+        loop.train_and_evaluate(make_config(shared, **{"train.encoded_box_slots": 1}), workdir)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
+
+
 def test_sigterm_saves_current_step_and_exits_zero(shared, tmp_path):
     workdir = new_workdir(shared, tmp_path, "sigterm")
     args = [sys.executable, os.path.join(REPO, "scripts", "train.py"),

@@ -164,6 +164,55 @@ def test_padded_slots_do_not_change_loss(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
 
 
+def test_encoded_box_slots_same_loss_and_grads(setup, capsys):
+    """encoded_box_slots=K (phrase encoders and DSAlign CLIP on the first K slots only) gives the
+    losses and gradients of K = N while every real box is in the first K slots; a real box in a
+    later slot is an error that names the batch item."""
+    s = setup
+    batch = s["batch"]
+    t, noise, post = _draws(2)
+    counts = batch["masks"].sum(axis=1).astype(int)
+    k = int(counts.max())
+    n = batch["masks"].shape[1]
+    assert k < n and np.all(batch["masks"][:, k:] == 0)
+    full, g_full = _run_jax(s, batch, t, noise, post)
+    cfg = train.default_train_config()
+    cfg.encoded_box_slots = k
+
+    @jax.jit
+    def loss_and_grads(trainable, batch):
+        z0 = train.encode_latents(s["models"], s["frozen"], batch["images"], jnp.asarray(post))
+        return jax.value_and_grad(lambda p: train.compute_losses(
+            s["models"], cfg, p, s["frozen"], batch, jnp.asarray(t), jnp.asarray(noise), z0),
+            has_aux=True)(trainable)
+
+    (_, m), g_k = loss_and_grads(s["trainable"], {k_: jnp.asarray(v) for k_, v in batch.items()})
+    worst = 0.0
+    for key in KEYS:
+        err = abs(float(m[key]) - full[key]) / max(abs(full[key]), 1e-12)
+        worst = max(worst, err)
+        assert err <= 1e-6, (key, float(m[key]), full[key])
+    gworst = 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(g_k), jax.tree_util.tree_leaves(g_full)):
+        a, b = np.asarray(a), np.asarray(b)
+        gworst = max(gworst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
+    assert gworst <= 1e-4  # float32 summation order (other batch shapes in the encoders)
+    with capsys.disabled():
+        print(f"\n[encoded_box_slots={k} of {n}] max loss rel diff {worst:.1e}, max grad rel "
+              f"diff {gworst:.1e}")
+
+    train.check_box_slots(batch["masks"], k)  # fits: no error
+    with pytest.raises(ValueError, match=rf"encoded_box_slots={k - 1} but 1 batch item\(s\) "
+                                         rf"have a real box in slot >= {k - 1}: item \d \({k} "
+                                         r"boxes\)"):
+        train.check_box_slots(batch["masks"], k - 1)
+    cfg.encoded_box_slots = n + 1
+    with pytest.raises(ValueError, match=rf"encoded_box_slots={n + 1} must be in \[0, {n}\]"):
+        train.encoded_box_slots(cfg, n)
+    cfg.encoded_box_slots = 0
+    assert train.encoded_box_slots(cfg, n) == n
+
+
 def test_alpha_beta_zero_is_ldm(setup):
     cfg = train.default_train_config()
     cfg.alpha = 0.0

@@ -170,6 +170,12 @@ class TrainIterator:
         self._epoch, self._batch = 0, 0
         self._it: Iterator | None = None
 
+    def items_with_more_boxes(self, k: int) -> list[tuple[str, int]]:
+        """(item id, box count) of this host's items with more than ``k`` boxes (after keeping
+        the ``max_boxes`` largest), in dataset order."""
+        counts = self._data.box_mask.sum(axis=1)
+        return [(self._data.ids[i], int(counts[i])) for i in np.flatnonzero(counts > k)]
+
     # ---------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
         """{"epoch", "batch" (next batch within the epoch), and the setup it belongs to}."""
