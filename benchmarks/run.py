@@ -1,8 +1,8 @@
 """goal_jax vs the PyTorch reference, side by side: train step, sampling, U-Net forward, memory.
 
     python -m benchmarks.run --suite cpu --size tiny|small|all [--steps 10] [--warmup 2]
-        [--benches train,train_slots,sample,unet] [--batches 1,4] [--sample-steps 25]
-        [--sample-repeats 5] [--encoded-box-slots 8]
+        [--benches train,train_trimmed,sample,unet] [--batches 1,4] [--sample-steps 25]
+        [--sample-repeats 5] [--encoded-box-slots 8] [--encoded-phrase-tokens 16]
         [--results benchmarks/RESULTS.md | --results none] [--jsonl out.jsonl]
 
 For each size (benchmarks/models.py) the parent process writes one set of random PyTorch models
@@ -17,11 +17,13 @@ is separable. Measurements:
   ``train.make_train_step`` (one jit program, compiled ahead of time: ``compile_s``); PyTorch:
   ``tests/reference/goal_reference.train_step`` (eager, fp32). Median / min / max over ``--steps``
   steps after ``--warmup`` steps.
-* ``train_slots``: the same step with goal_jax's ``train.encoded_box_slots = --encoded-box-slots``
-  (the phrase encoders and the DSAlign CLIP run on the first K box slots only; the benchmark
-  items have 2-3 boxes, so the losses and gradients are those of ``train``), against the same
-  PyTorch reference step (which encodes all N slots; its ``train`` record is reused when it was
-  measured in the same run). The ratio shows what skipping padded slots buys, not kernel speed.
+* ``train_trimmed``: the same step with goal_jax's ``train.encoded_box_slots = K`` and
+  ``train.encoded_phrase_tokens = L`` (``--encoded-box-slots``, ``--encoded-phrase-tokens``: the
+  phrase encoders and the DSAlign CLIP run on the first K box slots only, the phrase encoders on
+  the first L tokens; the benchmark items have 2-3 boxes and phrases of at most 5 tokens, so the
+  losses and gradients are those of ``train``), against the same PyTorch reference step (which
+  encodes all N slots x 77 tokens; its ``train`` record is reused when it was measured in the
+  same run). The ratio shows what skipping padding buys, not kernel speed.
 * ``sample``: ``--sample-steps`` DDIM steps with classifier-free guidance (7.5), scheduled
   sampling β = 0.3, text encoding and VAE decode included, same initial noise. goal_jax:
   ``sampling.GroundedSampler`` (``compile_s`` = its first-call compile); PyTorch: diffusers'
@@ -54,7 +56,7 @@ import time
 
 from benchmarks import models as bm
 
-BENCHES = ("train", "train_slots", "sample", "unet")
+BENCHES = ("train", "train_trimmed", "sample", "unet")
 FRAMEWORKS = ("goal_jax", "pytorch")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -119,19 +121,26 @@ def _jax_worker(args, size, paths) -> dict:
     from goal_jax import sampling, text, train, weights
 
     rec: dict = {"threads": os.cpu_count(), "device": str(jax.devices()[0].platform)}
-    if args.bench in ("train", "train_slots"):
+    if args.bench in ("train", "train_trimmed"):
         cfg = train.default_train_config()
         cfg.model.pipeline, cfg.model.clip = paths["pipeline"], paths["clip"]
         cfg.maa_resolution = size.maa_resolution
-        if args.bench == "train_slots":
+        if args.bench == "train_trimmed":
             cfg.encoded_box_slots = min(args.encoded_box_slots, size.max_boxes)
+            cfg.encoded_phrase_tokens = args.encoded_phrase_tokens
             rec["encoded_box_slots"] = cfg.encoded_box_slots
+            rec["encoded_phrase_tokens"] = cfg.encoded_phrase_tokens
         models, params = train.load_models(cfg)
         opt, lr = train.make_optimizer(cfg)
         state = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
         step = train.make_train_step(models, cfg, opt, lr)
         tok = text.load_tokenizer(paths["tokenizer"])
-        batch = {k: jnp.asarray(v) for k, v in bm.train_batch(size, tok, args.batch).items()}
+        host_batch = bm.train_batch(size, tok, args.batch)
+        if args.bench == "train_trimmed":  # the trimmed step computes the same loss: checked
+            train.check_box_slots(host_batch["masks"], cfg.encoded_box_slots)
+            train.check_phrase_tokens(host_batch["phrase_input_ids"], host_batch["masks"],
+                                      cfg.encoded_phrase_tokens, train.phrase_eos_token_ids(models))
+        batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
         frozen, st = state.frozen, state.replace(frozen=None)
         rec["setup_rss_mib"] = _rss_mib()
         start = time.perf_counter()
@@ -202,7 +211,7 @@ def _torch_worker(args, size, paths) -> dict:
     torch.set_num_threads(os.cpu_count())
     rec: dict = {"threads": torch.get_num_threads(), "device": "cpu"}
     pipe_dir = paths["pipeline"]
-    if args.bench in ("train", "train_slots"):  # the reference always encodes all N slots
+    if args.bench in ("train", "train_trimmed"):  # the reference always encodes all N slots
         from goal_jax import text
         from tests.reference import goal_reference as ref
 
@@ -387,9 +396,10 @@ def results_section(size: str, records: list[dict], info: dict, args, started: s
         f"Command: `python -m benchmarks.run {' '.join(args.argv)}`; {args.warmup} warm-up + "
         f"{args.steps} timed steps (train, unet); sampling: {args.sample_steps} DDIM steps, "
         f"CFG 7.5, β 0.3, {args.sample_repeats} timed runs, times per image. fp32.",
-        f"`train_slots`: goal_jax with `train.encoded_box_slots={args.encoded_box_slots}` (same "
-        "losses and gradients for these items, padded slots not encoded) against the PyTorch "
-        "`train` row of the same batch.",
+        f"`train_trimmed`: goal_jax with `train.encoded_box_slots={args.encoded_box_slots}`, "
+        f"`train.encoded_phrase_tokens={args.encoded_phrase_tokens}` (same losses and gradients "
+        "for these items: padded slots and tokens after each phrase's EOS are not encoded) "
+        "against the PyTorch `train` row of the same batch.",
         "",
         "| bench | batch | framework | median s | min–max s | compile s | first call s "
         "| peak RSS MiB | goal_jax / PyTorch time | speedup | RSS ratio |",
@@ -455,7 +465,7 @@ def run_suite(args) -> list[dict]:
                 for bench in benches:
                     for batch in ([1] if bench == "sample" else batches):
                         pair = {}
-                        if bench == "train_slots":  # same PyTorch step as "train"
+                        if bench == "train_trimmed":  # same PyTorch step as "train"
                             pair.update({r["framework"]: r for r in records
                                          if r["kind"] == "measurement" and r["bench"] == "train"
                                          and r["batch"] == batch and r["framework"] == "pytorch"})
@@ -468,7 +478,8 @@ def run_suite(args) -> list[dict]:
                                     "--warmup", str(args.warmup),
                                     "--sample-steps", str(args.sample_steps),
                                     "--sample-repeats", str(args.sample_repeats),
-                                    "--encoded-box-slots", str(args.encoded_box_slots)]
+                                    "--encoded-box-slots", str(args.encoded_box_slots),
+                                    "--encoded-phrase-tokens", str(args.encoded_phrase_tokens)]
                             for rec in _subprocess(argv, args.timeout):
                                 emit(rec)
                                 records.append(rec)
@@ -498,7 +509,9 @@ def parse_args(argv):
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--sample-repeats", type=int, default=5)
     p.add_argument("--encoded-box-slots", type=int, default=8,
-                   help="goal_jax's train.encoded_box_slots in the train_slots bench")
+                   help="goal_jax's train.encoded_box_slots in the train_trimmed bench")
+    p.add_argument("--encoded-phrase-tokens", type=int, default=16,
+                   help="goal_jax's train.encoded_phrase_tokens in the train_trimmed bench")
     p.add_argument("--results", default=RESULTS, help="markdown file to update, or 'none'")
     p.add_argument("--jsonl", default="", help="also append the JSON lines to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")

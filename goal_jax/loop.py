@@ -203,6 +203,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(1 <= d.max_boxes <= 30, f"config field data.max_boxes must be in [1, 30], got "
                                    f"{d.max_boxes}")
     _check(0 <= d.min_box_size < 1, "config field data.min_box_size must be in [0, 1)")
+    _check(0 <= t.encoded_phrase_tokens <= 77,
+           f"config field train.encoded_phrase_tokens must be in [0, 77] (0 = all tokens), got "
+           f"{t.encoded_phrase_tokens}")
     _check(0 <= t.encoded_box_slots <= d.max_boxes,
            f"config field train.encoded_box_slots must be in [0, data.max_boxes={d.max_boxes}] "
            f"(0 = all slots), got {t.encoded_box_slots}")
@@ -447,6 +450,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             f"config field train.encoded_box_slots={t.encoded_box_slots}: {len(too_many)} "
             f"dataset item(s) have more boxes: {listed}; raise it (max data.max_boxes="
             f"{d.max_boxes}) or set it to 0 (all slots)")
+    ids, masks, names = data_iter.phrase_token_ids()
+    try:
+        train_lib.check_phrase_tokens(ids, masks, train_lib.encoded_phrase_tokens(
+            t, ids.shape[-1]), train_lib.phrase_eos_token_ids(models), names)
+    except ValueError as e:
+        data_iter.close()
+        raise ValueError(f"config field train.{e}") from e
 
     # ------------------------------------------------------------------ resume
     ckpt = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"),

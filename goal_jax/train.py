@@ -42,6 +42,11 @@ Config fields read here (``default_train_config()``; configs/goal.py builds on i
                           gradients equal those of K = N; a batch with a real box in a slot
                           >= K is an error (:func:`check_box_slots`; the data pipeline packs
                           real boxes first, the training program checks the dataset at start).
+  encoded_phrase_tokens   int L, 0 = all 77: the phrase encoders see the first L tokens of each
+                          phrase. Only the pooled (EOS) state of a phrase is used and CLIP's text
+                          attention is causal, so while every real phrase's EOS sits in the
+                          first L tokens the result is exactly that of L = 77; otherwise an
+                          error (:func:`check_phrase_tokens`, checked like encoded_box_slots).
   dtype                   "float32" | "bfloat16": compute dtype of all models.
   remat                   bool, gradient checkpointing of U-Net, VAE decoder and CLIP blocks.
   trainable_patterns      tuple of regexes (re.search) on U-Net parameter paths joined with
@@ -104,6 +109,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.grounding_dropout = 0.0
     c.gligen_scale = 1.0
     c.encoded_box_slots = 0
+    c.encoded_phrase_tokens = 0
     c.dtype = "float32"
     c.remat = False
     c.trainable_patterns = PAPER_TRAINABLE
@@ -329,6 +335,45 @@ def check_box_slots(masks, k: int, item_names: Sequence[str] | None = None) -> N
             + f"; raise encoded_box_slots (max {masks.shape[1]}) or set it to 0 (all slots)")
 
 
+def encoded_phrase_tokens(config, length: int) -> int:
+    """L, the phrase tokens the encoders see (``config.encoded_phrase_tokens``; 0 = all)."""
+    n = int(config.get("encoded_phrase_tokens", 0) or 0)
+    if not 0 <= n <= length:
+        raise ValueError(f"config field encoded_phrase_tokens={n} must be in [0, {length}] (the "
+                         f"phrases have {length} tokens; 0 = all)")
+    return n or length
+
+
+def phrase_eos_token_ids(models: GoalModels) -> tuple[int, ...]:
+    """EOS ids of the two phrase encoders (SD text encoder, DSAlign CLIP text tower)."""
+    return (models.text_encoder.config.eos_token_id, models.clip.config.text_config.eos_token_id)
+
+
+def check_phrase_tokens(phrase_input_ids, masks, length: int, eos_token_ids: Sequence[int],
+                        item_names: Sequence[str] | None = None) -> None:
+    """Raises ValueError when a real box's phrase (``masks`` [B, N] nonzero; ``phrase_input_ids``
+    [B, N, T], host arrays) has its pooled EOS token at a position >= ``length`` for one of the
+    encoders (transformers' rule, :func:`goal_jax.models.clip.eos_positions`), naming the items."""
+    from goal_jax.models import clip as clip_lib
+
+    ids = np.asarray(phrase_input_ids)
+    if length >= ids.shape[-1]:
+        return
+    real = np.asarray(masks) != 0
+    last = np.zeros(real.shape, np.int64)
+    for eos in sorted(set(int(e) for e in eos_token_ids)):
+        pos = np.asarray(clip_lib.eos_positions(ids.reshape(-1, ids.shape[-1]), eos))
+        last = np.maximum(last, pos.reshape(real.shape))
+    bad = np.flatnonzero(np.any(real & (last >= length), axis=1))
+    if bad.size:
+        names = [item_names[i] if item_names is not None else f"item {i}" for i in bad[:10]]
+        longest = [int(np.max(np.where(real[i], last[i], 0))) + 1 for i in bad[:10]]
+        raise ValueError(
+            f"encoded_phrase_tokens={length} but {bad.size} item(s) have a phrase whose EOS "
+            f"token is beyond it: " + ", ".join(f"{n} (needs {m})" for n, m in zip(names, longest))
+            + f"; raise encoded_phrase_tokens (max {ids.shape[-1]}) or set it to 0 (all tokens)")
+
+
 def encode_text(models: GoalModels, frozen: Mapping, input_ids, phrase_input_ids):
     """-> context [B,77,D], phrase features [B,N,D] (pooled, SD text encoder), caption CLIP
     embeds [B,P], phrase CLIP embeds [B,N,P] (projected, not normalised)."""
@@ -372,10 +417,11 @@ def compute_losses(models: GoalModels, config, trainable: Mapping, frozen: Mappi
         item_valid = caption_keep.astype(jnp.float32)
     if grounding_keep is not None:
         box_valid = box_valid * grounding_keep[:, None]
-    n = batch["phrase_input_ids"].shape[1]
+    n, length = batch["phrase_input_ids"].shape[1:]
     k = encoded_box_slots(config, n)
+    tokens = encoded_phrase_tokens(config, length)
     context, phrase_feats, cap_embeds, phr_embeds = encode_text(
-        models, frozen, input_ids, batch["phrase_input_ids"][:, :k])
+        models, frozen, input_ids, batch["phrase_input_ids"][:, :k, :tokens])
     if k < n:  # the slots >= K are padding: GLIGEN's position net replaces them by null features
         phrase_feats = jnp.pad(phrase_feats, ((0, 0), (0, n - k), (0, 0)))
     s = models.schedule
@@ -512,9 +558,13 @@ def make_train_step(models: GoalModels, config, optimizer: optax.GradientTransfo
                                           out_shardings=(donated, rep), donate_argnums=(0,))
 
     def step(state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
-        masks = batch.get("masks")
+        masks, phrase_ids = batch.get("masks"), batch.get("phrase_input_ids")
         if isinstance(masks, np.ndarray):  # host batch: check the slots without a device copy
             check_box_slots(masks, encoded_box_slots(config, masks.shape[1]))
+            if isinstance(phrase_ids, np.ndarray):
+                check_phrase_tokens(phrase_ids, masks,
+                                    encoded_phrase_tokens(config, phrase_ids.shape[-1]),
+                                    phrase_eos_token_ids(models))
         frozen = state.frozen
         new_state, metrics = jitted(state.replace(frozen=None), frozen, dict(batch))
         return new_state.replace(frozen=frozen), metrics

@@ -191,6 +191,8 @@ def test_inconsistent_values(local_paper):
         ({"train.caption_dropout": 1.0}, r"train.caption_dropout must be in \[0, 1\)"),
         ({"train.dtype": "float8"}, r"train.dtype must be float32, bfloat16 or float16"),
         ({"data.max_boxes": 40}, r"data.max_boxes must be in \[1, 30\]"),
+        ({"train.encoded_phrase_tokens": 78},
+         r"train.encoded_phrase_tokens must be in \[0, 77\] \(0 = all tokens\), got 78"),
         ({"train.encoded_box_slots": 5},
          r"train.encoded_box_slots must be in \[0, data.max_boxes=4\] \(0 = all slots\), got 5"),
         ({"checkpoint.max_to_keep": 0}, r"checkpoint.max_to_keep must be >= 1"),

@@ -177,13 +177,19 @@ def stored_data(workdir, step):
         manager.close()
 
 
-def test_encoded_box_slots_checked_against_the_dataset(shared, tmp_path):
-    """train.encoded_box_slots smaller than an item's box count stops before training, naming
-    the items (the shapes items have 1-4 boxes)."""
+def test_encoded_slots_and_tokens_checked_against_the_dataset(shared, tmp_path):
+    """train.encoded_box_slots smaller than an item's box count, or train.encoded_phrase_tokens
+    shorter than a phrase, stops before training, naming the items (the shapes items have 1-4
+    boxes; their phrases need more than 2 tokens)."""
     workdir = new_workdir(shared, tmp_path, "slots")
     with pytest.raises(ValueError, match=r"config field train.encoded_box_slots=1: \d+ dataset "
                                          r"item\(s\) have more boxes: \S+ \([2-4] boxes\)"):
         loop.train_and_evaluate(make_config(shared, **{"train.encoded_box_slots": 1}), workdir)
+    with pytest.raises(ValueError, match=r"config field train.encoded_phrase_tokens=2 but \d+ "
+                                         r"item\(s\) have a phrase whose EOS token is beyond "
+                                         r"it: \S+ \(needs \d+\)"):
+        loop.train_and_evaluate(make_config(shared, **{"train.encoded_phrase_tokens": 2}),
+                                workdir)
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
 
 

@@ -164,20 +164,28 @@ def test_padded_slots_do_not_change_loss(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
 
 
-def test_encoded_box_slots_same_loss_and_grads(setup, capsys):
-    """encoded_box_slots=K (phrase encoders and DSAlign CLIP on the first K slots only) gives the
-    losses and gradients of K = N while every real box is in the first K slots; a real box in a
-    later slot is an error that names the batch item."""
+def test_encoded_slots_and_tokens_same_loss_and_grads(setup, capsys):
+    """encoded_box_slots=K and encoded_phrase_tokens=L (phrase encoders and DSAlign CLIP on the
+    first K slots, phrases cut to L tokens) give the losses and gradients of K = N, L = 77 while
+    every real box is in the first K slots and every real phrase's EOS in the first L tokens;
+    otherwise an error that names the batch item."""
+    from goal_jax.models import clip as clip_lib
+
     s = setup
     batch = s["batch"]
     t, noise, post = _draws(2)
-    counts = batch["masks"].sum(axis=1).astype(int)
-    k = int(counts.max())
-    n = batch["masks"].shape[1]
-    assert k < n and np.all(batch["masks"][:, k:] == 0)
+    k = int(batch["masks"].sum(axis=1).max())
+    n, length = batch["phrase_input_ids"].shape[1:]
+    eos_ids = train.phrase_eos_token_ids(s["models"])
+    real = batch["masks"] > 0
+    eos = max(int(np.asarray(clip_lib.eos_positions(jnp.asarray(batch["phrase_input_ids"][real]),
+                                                    e)).max()) for e in eos_ids)
+    tokens = eos + 1
+    assert k < n and np.all(batch["masks"][:, k:] == 0) and tokens < length
     full, g_full = _run_jax(s, batch, t, noise, post)
     cfg = train.default_train_config()
     cfg.encoded_box_slots = k
+    cfg.encoded_phrase_tokens = tokens
 
     @jax.jit
     def loss_and_grads(trainable, batch):
@@ -198,19 +206,30 @@ def test_encoded_box_slots_same_loss_and_grads(setup, capsys):
         gworst = max(gworst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
     assert gworst <= 1e-4  # float32 summation order (other batch shapes in the encoders)
     with capsys.disabled():
-        print(f"\n[encoded_box_slots={k} of {n}] max loss rel diff {worst:.1e}, max grad rel "
-              f"diff {gworst:.1e}")
+        print(f"\n[encoded_box_slots={k} of {n}, encoded_phrase_tokens={tokens} of {length}] "
+              f"max loss rel diff {worst:.1e}, max grad rel diff {gworst:.1e}")
 
     train.check_box_slots(batch["masks"], k)  # fits: no error
+    train.check_phrase_tokens(batch["phrase_input_ids"], batch["masks"], tokens, eos_ids)
     with pytest.raises(ValueError, match=rf"encoded_box_slots={k - 1} but 1 batch item\(s\) "
                                          rf"have a real box in slot >= {k - 1}: item \d \({k} "
                                          r"boxes\)"):
         train.check_box_slots(batch["masks"], k - 1)
+    with pytest.raises(ValueError, match=rf"encoded_phrase_tokens={tokens - 1} but \d item\(s\) "
+                                         rf"have a phrase whose EOS token is beyond it: b \(needs "
+                                         rf"{tokens}\)"):
+        train.check_phrase_tokens(batch["phrase_input_ids"], batch["masks"], tokens - 1,
+                                  eos_ids, item_names=["a", "b"])
     cfg.encoded_box_slots = n + 1
     with pytest.raises(ValueError, match=rf"encoded_box_slots={n + 1} must be in \[0, {n}\]"):
         train.encoded_box_slots(cfg, n)
-    cfg.encoded_box_slots = 0
-    assert train.encoded_box_slots(cfg, n) == n
+    cfg.encoded_phrase_tokens = length + 1
+    with pytest.raises(ValueError, match=rf"encoded_phrase_tokens={length + 1} must be in "
+                                         rf"\[0, {length}\]"):
+        train.encoded_phrase_tokens(cfg, length)
+    cfg.encoded_box_slots = cfg.encoded_phrase_tokens = 0
+    assert (train.encoded_box_slots(cfg, n), train.encoded_phrase_tokens(cfg, length)) == \
+        (n, length)
 
 
 def test_alpha_beta_zero_is_ldm(setup):

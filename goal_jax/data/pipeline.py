@@ -176,6 +176,14 @@ class TrainIterator:
         counts = self._data.box_mask.sum(axis=1)
         return [(self._data.ids[i], int(counts[i])) for i in np.flatnonzero(counts > k)]
 
+    def phrase_token_ids(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """This host's phrase token ids [M * V, N, 77] (every text variant), their box masks
+        [M * V, N] and the item id of each row."""
+        m, v = self._data.phrase_ids.shape[:2]
+        ids = self._data.phrase_ids.reshape((m * v,) + self._data.phrase_ids.shape[2:])
+        masks = np.repeat(self._data.box_mask, v, axis=0)
+        return ids, masks, [name for name in self._data.ids for _ in range(v)]
+
     # ---------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
         """{"epoch", "batch" (next batch within the epoch), and the setup it belongs to}."""
