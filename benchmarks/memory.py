@@ -24,6 +24,10 @@ resnet / transformer blocks, the VAE decoder blocks and the CLIP encoder layers,
 * FLOPs per step from XLA's cost analysis of the compiled program (of the lowered HLO with
   ``--no-compile``); remat recomputation is included.
 
+``bf16_remat_trimmed`` is ``bf16_remat`` with goal_jax's ``train.encoded_box_slots = 8`` and
+``train.encoded_phrase_tokens = 16`` (phrase encoders and DSAlign CLIP on 8 of the 30 slots,
+phrases cut after 16 tokens: the same loss for items with at most 8 boxes and short phrases).
+
 ``bf16_remat_lean`` is NOT what goal_jax does today: it estimates one proposed change on top of
 ``bf16_remat``: the frozen weights (VAE, text encoder, CLIP, frozen U-Net part) held in bfloat16,
 which gives the same bf16 computation since the modules cast them to bf16 anyway.
@@ -43,12 +47,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from benchmarks import models as bm  # noqa: E402
 
 GIB = 2 ** 30
-# name: (compute dtype, remat of U-Net + VAE decoder blocks, proposed extras). The extras are
-# NOT in goal_jax today; they estimate two proposed changes (see the module docstring).
+# name: (compute dtype, remat of U-Net + VAE decoder + CLIP blocks, proposed frozen-bf16 extra,
+# (encoded_box_slots, encoded_phrase_tokens)). The extra is NOT in goal_jax today (see the module
+# docstring); the slot / token limits are goal_jax options (0 = all).
 VARIANTS = {
-    "fp32": ("float32", False, False),
-    "bf16_remat": ("bfloat16", True, False),
-    "bf16_remat_lean": ("bfloat16", True, True),
+    "fp32": ("float32", False, False, (0, 0)),
+    "bf16_remat": ("bfloat16", True, False, (0, 0)),
+    "bf16_remat_trimmed": ("bfloat16", True, False, (8, 16)),
+    "bf16_remat_lean": ("bfloat16", True, True, (0, 0)),
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 _ARGV: list[str] = []
@@ -62,8 +68,10 @@ def _bytes(tree) -> int:
                    for x in jax.tree_util.tree_leaves(tree)))
 
 
-def build(size_name: str, dtype_name: str, remat: bool, batch: int, tokenizer_dir: str):
-    """(jitted step, abstract args, pieces) of the GOAL train step of ``size`` (no arrays)."""
+def build(size_name: str, dtype_name: str, remat: bool, batch: int, tokenizer_dir: str,
+          trim: tuple[int, int] = (0, 0)):
+    """(jitted step, abstract args, pieces) of the GOAL train step of ``size`` (no arrays);
+    ``trim`` = (encoded_box_slots, encoded_phrase_tokens)."""
     import jax
     import jax.numpy as jnp
 
@@ -72,6 +80,7 @@ def build(size_name: str, dtype_name: str, remat: bool, batch: int, tokenizer_di
     size = bm.SIZES[size_name]
     cfg = train.default_train_config()
     cfg.dtype, cfg.remat = dtype_name, remat
+    cfg.encoded_box_slots, cfg.encoded_phrase_tokens = trim
     cfg.maa_resolution = size.maa_resolution
     layers = bm.maa_layers_flax(size)
     modules = bm.jax_modules(size, tokenizer_dir, dtype=train.compute_dtype(cfg), remat=remat,
@@ -157,14 +166,15 @@ def _to_bf16(tree):
 
 
 def analyse(variant: str, batch: int, compile_: bool, tokenizer_dir: str) -> dict:
-    dtype_name, remat, lean = VARIANTS[variant]
-    return _analyse(variant, dtype_name, remat, lean, batch, compile_, tokenizer_dir)
+    dtype_name, remat, lean, trim = VARIANTS[variant]
+    return _analyse(variant, dtype_name, remat, lean, batch, compile_, tokenizer_dir, trim)
 
 
-def _analyse(variant, dtype_name, remat, lean, batch, compile_, tokenizer_dir) -> dict:
+def _analyse(variant, dtype_name, remat, lean, batch, compile_, tokenizer_dir,
+             trim=(0, 0)) -> dict:
     import jax
 
-    jitted, args, pieces = build("sd14", dtype_name, remat, batch, tokenizer_dir)
+    jitted, args, pieces = build("sd14", dtype_name, remat, batch, tokenizer_dir, trim)
     state, frozen, batch_shapes = args
     if lean:
         frozen = _to_bf16(frozen)
@@ -172,7 +182,9 @@ def _analyse(variant, dtype_name, remat, lean, batch, compile_, tokenizer_dir) -
     rec = {"kind": "memory", "size": "sd14", "variant": variant, "batch": batch,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "python -m benchmarks.memory " + " ".join(_ARGV),
-           "dtype": dtype_name, "remat": remat, "proposed_frozen_bf16": lean, "image": bm.SIZES["sd14"].image,
+           "dtype": dtype_name, "remat": remat, "proposed_frozen_bf16": lean,
+           "encoded_box_slots": trim[0], "encoded_phrase_tokens": trim[1],
+           "image": bm.SIZES["sd14"].image,
            "max_boxes": bm.SIZES["sd14"].max_boxes, "maa_layers": list(pieces["layers"]),
            "backend": jax.default_backend()}
     rec["params_bytes"] = {k: _bytes(v) for k, v in pieces["params"].items()}
@@ -266,20 +278,23 @@ def _verdict(records: list[dict]) -> list[str]:
     """The conclusion paragraph, computed from the records."""
     by = {r["variant"]: r for r in records}
     out = []
-    temps = [r["xla_memory"]["temp_size_in_bytes"] for r in records if r.get("xla_memory")]
-    if len(temps) > 1 and max(temps) <= 1.1 * min(temps):
-        out.append(
-            f"**XLA CPU numbers.** The compiled CPU programs need about the same temporaries for "
-            f"every variant ({min(temps) / GIB:.1f}–{max(temps) / GIB:.1f} GiB), although bf16 "
-            "halves and remat removes most saved activations at the jaxpr level (for fp32 "
-            "without remat the CPU peak and the analytic total roughly agree). The CPU "
-            "backend's program evidently keeps neither the bf16 buffer sizes nor remat's "
-            "savings (likely float32 upcasting of bf16 convolutions / dots and a schedule that "
-            "is not memory-aware for rematerialised blocks; not investigated further), so these "
-            "numbers say nothing about a TPU / GPU compile. The verdict below uses the analytic "
-            "column; `benchmarks/gpu.sh` records the GPU compile's memory analysis and the "
-            "device's peak bytes in use.")
-        out.append("")
+    fp32, bf16 = by.get("fp32", {}), by.get("bf16_remat", {})
+    if fp32.get("xla_memory") and bf16.get("xla_memory"):
+        t32 = fp32["xla_memory"]["temp_size_in_bytes"]
+        t16 = bf16["xla_memory"]["temp_size_in_bytes"]
+        if t16 > 0.5 * t32:  # bf16 + remat should cut the temporaries far more than 2x
+            out.append(
+                f"**XLA CPU numbers.** The compiled CPU program of bf16 + remat needs "
+                f"{t16 / GIB:.1f} GiB of temporaries against {t32 / GIB:.1f} GiB for fp32, "
+                "although bf16 halves and remat removes most saved activations at the jaxpr "
+                "level (for fp32 without remat the CPU peak and the analytic total roughly "
+                "agree). The CPU backend's program evidently keeps neither the bf16 buffer sizes "
+                "nor remat's savings (likely float32 upcasting of bf16 convolutions / dots and a "
+                "schedule that is not memory-aware for rematerialised blocks; not investigated "
+                "further), so these numbers say nothing about a TPU / GPU compile. The verdict "
+                "below uses the analytic column; `benchmarks/gpu.sh` records the GPU compile's "
+                "memory analysis and the device's peak bytes in use.")
+            out.append("")
     base = by.get("bf16_remat")
     lean = by.get("bf16_remat_lean")
     if base:
@@ -292,6 +307,16 @@ def _verdict(records: list[dict]) -> list[str]:
             f"{(2 * base['trainable_bytes'] + base['opt_state_bytes']) / GIB:.1f}, saved "
             f"activations {base['residual_bytes'] / GIB:.1f} GiB (U-Net, VAE decoder and the "
             "DSAlign CLIP ViT-L/14 on 1 + 30 images per item, all rematerialised).")
+        trimmed = by.get("bf16_remat_trimmed")
+        if trimmed:
+            c = _analytic(trimmed)
+            out.append(
+                f"With `train.encoded_box_slots=8` and `train.encoded_phrase_tokens=16` "
+                f"(bf16_remat_trimmed: same loss for items with at most 8 boxes and short "
+                f"phrases) the saved activations drop to {trimmed['residual_bytes'] / GIB:.2f} "
+                f"GiB and the estimate to {c / GIB:.1f} GiB; "
+                f"{trimmed['flops'] / 1e12:.1f} instead of {base['flops'] / 1e12:.1f} TFLOP "
+                "per step.")
         if lean:
             b = _analytic(lean)
             out.append(

@@ -396,7 +396,8 @@ def results_section(size: str, records: list[dict], info: dict, args, started: s
         f"Command: `python -m benchmarks.run {' '.join(args.argv)}`; {args.warmup} warm-up + "
         f"{args.steps} timed steps (train, unet); sampling: {args.sample_steps} DDIM steps, "
         f"CFG 7.5, β 0.3, {args.sample_repeats} timed runs, times per image. fp32.",
-        f"`train_trimmed`: goal_jax with `train.encoded_box_slots={args.encoded_box_slots}`, "
+        f"`train_trimmed`: goal_jax with `train.encoded_box_slots={args.encoded_box_slots}` "
+        "(at most the size's N), "
         f"`train.encoded_phrase_tokens={args.encoded_phrase_tokens}` (same losses and gradients "
         "for these items: padded slots and tokens after each phrase's EOS are not encoded) "
         "against the PyTorch `train` row of the same batch.",
