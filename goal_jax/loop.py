@@ -441,19 +441,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         d.data_dir, tokenizer_dir, batch_size=local_batch, resolution=d.resolution,
         max_boxes=d.max_boxes, seed=d.seed, flip=d.flip, random_crop=d.random_crop,
         min_box_size=d.min_box_size, source_dir=d.source or None, shuffle=d.shuffle)
-    slots = train_lib.encoded_box_slots(t, d.max_boxes)
-    too_many = data_iter.items_with_more_boxes(slots)
-    if too_many:
-        data_iter.close()
-        listed = ", ".join(f"{name} ({count} boxes)" for name, count in too_many[:10])
-        raise ValueError(
-            f"config field train.encoded_box_slots={t.encoded_box_slots}: {len(too_many)} "
-            f"dataset item(s) have more boxes: {listed}; raise it (max data.max_boxes="
-            f"{d.max_boxes}) or set it to 0 (all slots)")
-    ids, masks, names = data_iter.phrase_token_ids()
-    try:
-        train_lib.check_phrase_tokens(ids, masks, train_lib.encoded_phrase_tokens(
-            t, ids.shape[-1]), train_lib.phrase_eos_token_ids(models), names)
+    box_masks, names = data_iter.box_masks()
+    phrase_ids, phrase_masks = data_iter.phrase_token_ids()
+    try:  # the trimmed encodings must give the loss of the full ones on every item
+        train_lib.check_box_slots(box_masks, train_lib.encoded_box_slots(t, d.max_boxes), names)
+        train_lib.check_phrase_tokens(
+            phrase_ids, phrase_masks, train_lib.encoded_phrase_tokens(t, phrase_ids.shape[-1]),
+            train_lib.phrase_eos_token_ids(models), names)
     except ValueError as e:
         data_iter.close()
         raise ValueError(f"config field train.{e}") from e

@@ -321,7 +321,7 @@ def encoded_box_slots(config, num_slots: int) -> int:
 
 def check_box_slots(masks, k: int, item_names: Sequence[str] | None = None) -> None:
     """Raises ValueError when a real box (``masks`` [B, N] nonzero, host array) sits in a slot
-    >= K, naming the batch items (``item_names`` or their indices) and their box counts."""
+    >= K, naming the items (``item_names`` or their batch indices) and their box counts."""
     masks = np.asarray(masks)
     if k >= masks.shape[1]:
         return
@@ -330,7 +330,7 @@ def check_box_slots(masks, k: int, item_names: Sequence[str] | None = None) -> N
         names = [item_names[i] if item_names is not None else f"item {i}" for i in bad[:10]]
         counts = [int(np.count_nonzero(masks[i])) for i in bad[:10]]
         raise ValueError(
-            f"encoded_box_slots={k} but {bad.size} batch item(s) have a real box in slot >= {k}: "
+            f"encoded_box_slots={k} but {bad.size} item(s) have a real box in slot >= {k}: "
             + ", ".join(f"{n} ({c} boxes)" for n, c in zip(names, counts))
             + f"; raise encoded_box_slots (max {masks.shape[1]}) or set it to 0 (all slots)")
 

@@ -211,7 +211,7 @@ def test_encoded_slots_and_tokens_same_loss_and_grads(setup, capsys):
 
     train.check_box_slots(batch["masks"], k)  # fits: no error
     train.check_phrase_tokens(batch["phrase_input_ids"], batch["masks"], tokens, eos_ids)
-    with pytest.raises(ValueError, match=rf"encoded_box_slots={k - 1} but 1 batch item\(s\) "
+    with pytest.raises(ValueError, match=rf"encoded_box_slots={k - 1} but 1 item\(s\) "
                                          rf"have a real box in slot >= {k - 1}: item \d \({k} "
                                          r"boxes\)"):
         train.check_box_slots(batch["masks"], k - 1)

@@ -170,19 +170,17 @@ class TrainIterator:
         self._epoch, self._batch = 0, 0
         self._it: Iterator | None = None
 
-    def items_with_more_boxes(self, k: int) -> list[tuple[str, int]]:
-        """(item id, box count) of this host's items with more than ``k`` boxes (after keeping
-        the ``max_boxes`` largest), in dataset order."""
-        counts = self._data.box_mask.sum(axis=1)
-        return [(self._data.ids[i], int(counts[i])) for i in np.flatnonzero(counts > k)]
+    def box_masks(self) -> tuple[np.ndarray, list[str]]:
+        """This host's box masks [M, N] (real boxes packed first, after keeping the
+        ``max_boxes`` largest) and the item ids."""
+        return self._data.box_mask, list(self._data.ids)
 
-    def phrase_token_ids(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """This host's phrase token ids [M * V, N, 77] (every text variant), their box masks
-        [M * V, N] and the item id of each row."""
-        m, v = self._data.phrase_ids.shape[:2]
-        ids = self._data.phrase_ids.reshape((m * v,) + self._data.phrase_ids.shape[2:])
-        masks = np.repeat(self._data.box_mask, v, axis=0)
-        return ids, masks, [name for name in self._data.ids for _ in range(v)]
+    def phrase_token_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """This host's phrase token ids [M, V * N, 77] (the V text variants side by side, items
+        in the order of :meth:`box_masks`) and their box masks [M, V * N]."""
+        m, v, n, length = self._data.phrase_ids.shape
+        ids = self._data.phrase_ids.reshape(m, v * n, length)
+        return ids, np.tile(self._data.box_mask, (1, v))
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
