@@ -182,10 +182,21 @@ def _background(rng, size: int) -> np.ndarray:
 
 def render_item(rng: np.random.Generator, category: str, resolution: int):
     """Draws one item -> (uint8 [res, res, 3] image, caption, phrases, boxes (pixels, xyxy))."""
+    pixels, caption, objects = render_item_objects(rng, category, resolution)
+    return pixels, caption, [o["phrase"] for o in objects], [o["box"] for o in objects]
+
+
+def render_item_objects(rng: np.random.Generator, category: str, resolution: int):
+    """Draws one item -> (uint8 [res, res, 3] image, caption, objects).
+
+    ``objects`` is a list with one dict per drawn object: ``phrase`` (str), ``shape`` (one of
+    SHAPES), ``color`` (a key of COLORS), ``texture`` (one of TEXTURES) and ``box`` (xyxy in
+    pixels, the tight bounds of the drawn shape). Same rng state -> same item as render_item.
+    """
     caption, objects = _make_item(rng, category, resolution)
     size = resolution * _SUPERSAMPLE
     canvas = Image.fromarray(_background(rng, size))
-    phrases, boxes = [], []
+    drawn = []
     for phrase, shape, color, texture, box in objects:
         big = box * _SUPERSAMPLE
         mask = Image.new("L", (size, size), 0)
@@ -199,10 +210,10 @@ def render_item(rng: np.random.Generator, category: str, resolution: int):
         else:
             d.polygon(poly, fill=255)
         canvas.paste(_texture(texture, COLORS[color], size, rng), (0, 0), mask)
-        phrases.append(phrase)
-        boxes.append([float(v) for v in box])
+        drawn.append({"phrase": phrase, "shape": shape, "color": color, "texture": texture,
+                      "box": [float(v) for v in box]})
     image = canvas.resize((resolution, resolution), Image.Resampling.BOX)
-    return np.asarray(image), caption, phrases, boxes
+    return np.asarray(image), caption, drawn
 
 
 def write_shapes_dataset(folder: str, num_items: int, resolution: int = 64, seed: int = 0,
