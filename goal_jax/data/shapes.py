@@ -109,12 +109,15 @@ def _texture(texture: str, color, size: int, rng: np.random.Generator) -> Image.
 
 def _place(rng, n: int, res: int, relation: str | None = None, tries: int = 200) -> list[np.ndarray]:
     """n non-overlapping integer boxes (pixels) with sides in [0.2, 0.4] x res; for a relation,
-    box 0 is strictly left of / right of / above / below box 1 (no overlap on that axis)."""
-    for _ in range(tries):
+    box 0 is strictly left of / right of / above / below box 1 (no overlap on that axis).
+    When ``tries`` draws all fail (rare, 4 large objects), further draws use sides in
+    [0.2, 0.3] x res (the draws before that are unchanged, so existing items stay identical)."""
+    for attempt in range(2 * tries):
+        high = 0.4 if attempt < tries else 0.3
         boxes = []
         for _k in range(n):
-            w = int(rng.integers(int(0.2 * res), int(0.4 * res) + 1))
-            h = int(rng.integers(int(0.2 * res), int(0.4 * res) + 1))
+            w = int(rng.integers(int(0.2 * res), int(high * res) + 1))
+            h = int(rng.integers(int(0.2 * res), int(high * res) + 1))
             x = int(rng.integers(1, res - w))
             y = int(rng.integers(1, res - h))
             boxes.append(np.array([x, y, x + w, y + h], dtype=np.float64))
