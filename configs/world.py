@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.unet = ml_collections.ConfigDict(dict(channels=(64, 128), attention=(False, True),
                                                   layers_per_block=1, head_dim=16,
                                                   norm_groups=16))
-    c.vae = _stage(steps=2000, batch_size=16, learning_rate=1e-3, kl_weight=1e-6,
+    c.vae = _stage(steps=1200, batch_size=16, learning_rate=1e-3, kl_weight=1e-6,
                    scale_items=2048)
     c.clip = _stage(steps=2000, batch_size=128, learning_rate=1e-3, text_tokens=24)
     c.ldm = _stage(steps=2000, batch_size=32, learning_rate=1e-3, ema_decay=0.998,
@@ -72,10 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(layouts=96, num_steps=25, guidance_scale=5.0,
                                             beta=1.0))
     if preset == "smoke":
-        c.data.train_items, c.data.heldout_items = 96, 48
+        c.data.train_items, c.data.heldout_items, c.data.resolution = 96, 48, 32
         c.model.vae.channels, c.model.vae.norm_groups = (8, 8, 16), 4
         c.model.clip.text.update(width=16, layers=1, heads=2)
-        c.model.clip.vision.update(width=16, layers=1, heads=2)
+        c.model.clip.vision.update(width=16, layers=1, heads=2, image_size=32)
         c.model.clip.projection_dim = 8
         c.model.unet.update(channels=(16, 32), head_dim=8, norm_groups=8)
         for name in ("vae", "clip", "ldm", "gligen"):
