@@ -27,7 +27,10 @@ import numpy as np
 
 from goal_jax.data import shapes
 
-SPLIT_IDS = {"train": 0, "heldout": 1, "test": 2}
+# Disjoint random streams: "train" (the world's pretraining), "heldout" (the recipe's evaluation),
+# "test" (the demo's fixed layouts), "finetune" (GOAL2K-like fine-tuning sets), "eval"
+# (experiment evaluation layouts).
+SPLIT_IDS = {"train": 0, "heldout": 1, "test": 2, "finetune": 3, "eval": 4}
 _CHUNK = 512
 
 
