@@ -209,6 +209,23 @@ def test_clip_similarity_matches_transformers(tiny_clip, tokenizer_dir):
         scorer.score(images, texts[:2])
 
 
+def test_clip_tokenizer_fallback(tiny_clip, tokenizer_dir):
+    """A CLIP folder without tokenizer files: the fallback (the pipeline's tokenizer/) is used,
+    or the error says which flag to give."""
+    from goal_jax.text import TokenizerError
+
+    folder, scorer = tiny_clip
+    with pytest.raises(TokenizerError, match=r"has no tokenizer .*give --clip_tokenizer"):
+        metrics.ClipScorer.from_folder(folder)
+    with pytest.raises(TokenizerError, match=r"no CLIP tokenizer: .*give --clip_tokenizer"):
+        metrics.ClipScorer.from_folder(folder, fallback_tokenizer=folder)
+    fallback = metrics.ClipScorer.from_folder(folder, batch_size=4,
+                                              fallback_tokenizer=tokenizer_dir)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    texts = ["a red cat", "a dog"]
+    np.testing.assert_array_equal(fallback.score(images, texts), scorer.score(images, texts))
+
+
 SIZE = 64
 
 
@@ -580,12 +597,11 @@ def test_evaluate_script_with_real_sampler(tmp_path, nsr_dir, monkeypatch):
     assert all(-1.0 <= c["answer"] <= 1.0 for c in clip_json)
 
     # NSR-1K images from the planned layouts with the same sampler settings (the compiled
-    # program is reused), CLIP-scored.
+    # program is reused), CLIP-scored; the CLIP folder has no tokenizer: the pipeline's is used.
     out = tmp_path / "nsr_images"
     argv = ["nsr", "--nsr", nsr_dir, "--tasks", "spatial", "--limit", "2", "--output_dir",
             str(out), "--pretrained", models.pipeline, "--steps", "2", "--cfg", "2.0",
-            "--num_devices", "1", "--clip", models.clip,
-            "--clip_tokenizer", os.path.join(models.pipeline, "tokenizer")]
+            "--num_devices", "1", "--clip", models.clip]
     assert evaluate.main(argv) == 0
     assert sorted(os.listdir(out / "images" / "spatial")) == ["739_0.png", "741_0.png"]
     doc = json.load(open(out / "results.json"))
