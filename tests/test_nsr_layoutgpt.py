@@ -294,14 +294,17 @@ def test_zero_box_entries_kept_for_scoring_and_reported(nsr_files, tmp_path):
 
     res = nsr.evaluate(items, str(tmp_path / "gt_run"), P.RulePlanner(), generator, "gt")
     image = res["spatial"]["image"]
-    assert image["no_gt_layout"] == ["219"] and image["n_images"] == 3
+    assert res["spatial"]["no_gt_layout"] == ["219"]
+    assert image["skipped_no_gt_layout"] == 1 and image["n_images"] == 3
     assert "A train on top of a surfboard" not in drawn
     assert sorted(os.listdir(tmp_path / "gt_run" / "images" / "spatial")) == [
         "201_0.png", "202_0.png", "203_0.png"]
     assert res["spatial"]["layout"]["n"] == 4  # the prompt itself is scored
     rows = report.rows_from_nsr(res)
-    assert {"task": "spatial", "metric": "prompts without a ground-truth layout (no images)",
+    assert {"task": "spatial", "metric": "prompts without images (no ground-truth layout)",
             "value": 1, "n": 4} in rows
+    assert {"task": "spatial", "metric": "prompts without a ground-truth layout (zero-area "
+            "boxes; still scored)", "value": 1, "n": 4} in rows
 
 
 def test_prediction_file_errors(nsr_files, tmp_path):
@@ -365,6 +368,8 @@ def test_evaluate_script_scores_prediction_files(nsr_files, tmp_path, capsys):
     md = open(out / "results.md").read()
     assert "| spatial | natural: layout accuracy (LayoutGPT matching) | 50.00 | 2 |" in md
     assert "| spatial | layout missing (LayoutGPT matching) | 2 | 7 |" in md
+    assert ("| spatial | prompts without a ground-truth layout (zero-area boxes; still scored) "
+            "| 1 | 4 |") in md
     # Errors: a name, not a traceback.
     capsys.readouterr()
     bad = tmp_path / "bad.json"

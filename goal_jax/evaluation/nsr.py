@@ -24,9 +24,9 @@ With a generator: images from the planned or the ground-truth layouts, written a
 ``<out_dir>/images/<task>/<id>_<iter>.png`` (the naming LayoutGPT's GLIP scripts read);
 CLIP image-prompt similarity (:class:`metrics.ClipScorer`); detection accuracy as LayoutGPT's
 GLIP scripts define it, through a detector hook (``detector.GroundingDinoDetector`` as the
-open stand-in for GLIP). NSR-1K prompts without a ground-truth layout (19 spatial.val entries
-have all-zero boxes) are scored as prompts but get no images from ``"gt"`` layouts; they are
-listed under ``"no_gt_layout"``.
+open stand-in for GLIP). NSR-1K prompts without a complete ground-truth layout (19 spatial.val
+entries have all-zero boxes) are scored as prompts (LayoutGPT scores them) and listed under
+``"no_gt_layout"``; images from ``"gt"`` layouts skip them (``"skipped_no_gt_layout"``).
 
 Ground-truth counts: NSR-1K's ``num_object`` and ``sub-type`` when the layout JSONL carries
 them (``num_object`` / ``sub_type`` keys), else the per-name counts of ``object_list`` (equal
@@ -327,7 +327,8 @@ def score_predictions(items: Sequence[NSRItem], predictions: Sequence[Prediction
     """Layout metrics of a prediction file (one task), both matchings.
 
     Returns:
-      ``{"n", "n_prompts", "prompts_without_prediction", "layout", "layout_goal_jax"}`` (n =
+      ``{"n", "n_prompts", "prompts_without_prediction", "no_gt_layout", "layout",
+      "layout_goal_jax"}`` (n =
       predictions, as LayoutGPT averages); per-prediction rows in
       ``<out_dir>/nsr1k_<task>_prediction_scores.jsonl`` when ``out_dir`` is given.
     """
@@ -338,7 +339,8 @@ def score_predictions(items: Sequence[NSRItem], predictions: Sequence[Prediction
               for m in MATCHINGS}
     seen = {p.item.id for p in predictions}
     out: dict[str, Any] = {"n": len(predictions), "n_prompts": len(seen),
-                           "prompts_without_prediction": sum(it.id not in seen for it in items)}
+                           "prompts_without_prediction": sum(it.id not in seen for it in items),
+                           "no_gt_layout": [it.id for it in items if not it.layout_complete]}
     out.update(summarize_layouts(task, [p.item for p in predictions], scores))
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
@@ -368,7 +370,7 @@ def evaluate(items: Sequence[NSRItem], out_dir: str, planner=None, generator=Non
       overwrite: regenerate images that exist.
 
     Returns:
-      ``{task: {"n", "dropped"?, "layout": {...}, "layout_goal_jax": {...},
+      ``{task: {"n", "dropped"?, "no_gt_layout", "layout": {...}, "layout_goal_jax": {...},
       "planner_failures", "image": {...}}}`` ("layout": LayoutGPT's matching);
       per-item rows in ``<out_dir>/nsr1k_<task>_items.jsonl``, planned layouts in
       ``<out_dir>/nsr1k_<task>_planned.jsonl`` (``scripts/sample.py --jsonl`` reads them).
@@ -408,7 +410,8 @@ def _evaluate_task(task, items, out_dir, planner, generator, layout_source, n_it
             for m in MATCHINGS:
                 row[f"{_LAYOUT_KEY[m]}_scores"] = layout_scores(item, layout, m)
         rows.append(row)
-    out: dict[str, Any] = {"n": len(items), "planner": getattr(planner, "name", None)}
+    out: dict[str, Any] = {"n": len(items), "planner": getattr(planner, "name", None),
+                           "no_gt_layout": [it.id for it in items if not it.layout_complete]}
     if planner is not None:
         out.update(summarize_layouts(
             task, items, {m: [r[f"{_LAYOUT_KEY[m]}_scores"] for r in rows] for m in MATCHINGS}))
@@ -434,7 +437,7 @@ def _evaluate_task(task, items, out_dir, planner, generator, layout_source, n_it
         image_out: dict[str, Any] = {"layouts": layout_source, "n_images": len(requests),
                                      "generated": generated, "n_iter": n_iter}
         if layout_source == "gt":
-            image_out["no_gt_layout"] = skipped
+            image_out["skipped_no_gt_layout"] = len(skipped)
         for k in range(len(items)):
             rows[k]["images"] = []
         clips, det_rows = [], []

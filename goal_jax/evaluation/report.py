@@ -58,10 +58,15 @@ def rows_from_nsr(results: dict[str, Any]) -> list[dict[str, Any]]:
         if "planner_failures" in res:
             rows.append({"task": task, "metric": "planner failures",
                          "value": res["planner_failures"], "n": res["n"]})
+        if res.get("no_gt_layout"):
+            rows.append({"task": task, "metric": "prompts without a ground-truth layout "
+                         "(zero-area boxes; still scored)", "value": len(res["no_gt_layout"]),
+                         "n": res.get("n_prompts", res["n"]) + res.get(
+                             "prompts_without_prediction", 0)})
         image = res.get("image") or {}
-        if image.get("no_gt_layout"):
-            rows.append({"task": task, "metric": "prompts without a ground-truth layout (no "
-                         "images)", "value": len(image["no_gt_layout"]), "n": res["n"]})
+        if image.get("skipped_no_gt_layout"):
+            rows.append({"task": task, "metric": "prompts without images (no ground-truth "
+                         "layout)", "value": image["skipped_no_gt_layout"], "n": res["n"]})
         if image.get("clip", {}).get("mean") is not None:
             rows.append({"task": task, "metric": f"CLIP similarity ({image['layouts']} layouts)",
                          "value": image["clip"]["mean"], "n": image["clip"]["n"]})
