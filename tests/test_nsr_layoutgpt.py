@@ -12,7 +12,6 @@ eval_spatial_layout.py: template (#eg 5) Acc 60.00 %, #miss 1; natural (#eg 2) A
 
 import json
 import os
-import warnings
 
 import pytest
 from conftest import load_script
@@ -21,6 +20,7 @@ from goal_jax import layout as layout_lib
 from goal_jax import planner as P
 from goal_jax.data import importers
 from goal_jax.evaluation import matching, metrics, nsr, report
+
 
 def _o(name, x, y, w, h):
     return [name, [x, y, w, h]]

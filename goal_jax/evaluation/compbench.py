@@ -161,6 +161,11 @@ def scoring_commands(out_dir: str, category: str | None, three_in_one: bool = Tr
         else:
             lines.append(f"Scores: `{d}{RESULT_FILES[cat]}` (mean of `answer`; "
                          f"`scripts/evaluate.py compbench summarize {d}` tabulates it).")
+            if cat == "complex":
+                lines.append(f"3_in_1.py averages the three scorers' outputs in blocks of "
+                             f"{THREE_IN_ONE_IMAGES} images per line of complex_val.txt, "
+                             "complex_val_spatial.txt and complex_val_action.txt (read from "
+                             "its `--data_path`, default `../examples/dataset`).")
         if cat == "non_spatial":
             lines.append("CLIPScore is also computed natively with `--clip`.")
     return "\n".join(lines) + "\n"
