@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     nsr.add_argument("--box_threshold", type=float, default=0.35)
     nsr.add_argument("--text_threshold", type=float, default=0.25)
     _add_common(nsr)
-    cb = sub.add_parser("compbench", help="T2I-CompBench prompt files")
+    cb = sub.add_parser("compbench", help="T2I-CompBench prompt files (then `compbench "
+                        "summarize DIR` tabulates their scorers' outputs)")
     cb.add_argument("--prompts", nargs="+", required=True, help="prompt files (e.g. "
                     "examples/dataset/color_val.txt)")
     cb.add_argument("--n_images", type=int, default=10, help="images per prompt")
