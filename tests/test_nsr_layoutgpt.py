@@ -331,8 +331,15 @@ def test_prediction_file_errors(nsr_files, tmp_path):
     res = nsr.score_predictions(items, preds)
     assert res["layout"]["accuracy"] == 1.0 and res["prompts_without_prediction"] == 3
     plan.write_text(json.dumps(layout_lib.LayoutItem("x", lay, None, "counting-7").to_dict()))
-    with pytest.raises(ValueError, match=r"plan.jsonl line 1: id 'counting-7' is not an NSR-1K"):
+    with pytest.raises(ValueError, match=r"plan.jsonl line 1: id 'counting-7' is not an NSR-1K "
+                                         r"counting id"):
         nsr.read_predictions(str(plan), items)
+    plan.write_text(json.dumps(layout_lib.LayoutItem("x", lay, None, "spatial-101").to_dict()))
+    with pytest.raises(ValueError, match=r"id 'spatial-101' is not an NSR-1K counting id"):
+        nsr.read_predictions(str(plan), items)
+    bad.write_text(json.dumps([dict(COUNTING_PRED[0], iter="0")]))
+    with pytest.raises(ValueError, match=r"'iter' must be an integer, got '0'"):
+        nsr.read_predictions(str(bad), items)
     plan.write_text(json.dumps(layout_lib.LayoutItem("no such prompt", lay).to_dict()))
     with pytest.raises(ValueError, match="matches 0 NSR-1K prompts"):
         nsr.read_predictions(str(plan), items)

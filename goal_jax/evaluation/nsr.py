@@ -270,6 +270,7 @@ def read_predictions(path: str, items: Sequence[NSRItem]) -> list[Prediction]:
         lines = layout_lib.read_jsonl(path)
     except layout_lib.LayoutError as e:
         raise ValueError(f"predictions: {e}") from None
+    task = items[0].task if items else ""
     by_caption: dict[str, list[NSRItem]] = {}
     for it in items:
         by_caption.setdefault(it.prompt.strip(), []).append(it)
@@ -279,13 +280,13 @@ def read_predictions(path: str, items: Sequence[NSRItem]) -> list[Prediction]:
         item = None
         if li.id is not None:
             key = str(li.id)
-            for task in TASKS:
-                if key.startswith(task + "-"):
-                    key = key[len(task) + 1:]
-            item = by_id.get(key)
+            prefix = next((t for t in TASKS if key.startswith(t + "-")), None)
+            if prefix is not None:
+                key = key[len(prefix) + 1:]
+            item = by_id.get(key) if prefix in (None, task) else None
             if item is None:
-                raise ValueError(f"{where}: id {li.id!r} is not an NSR-1K "
-                                 f"{items[0].task if items else ''} id of the given file")
+                raise ValueError(f"{where}: id {li.id!r} is not an NSR-1K {task} id of the "
+                                 "given file")
         else:
             found = by_caption.get((li.caption or "").strip(), [])
             if len(found) != 1:
@@ -319,7 +320,10 @@ def _llm_output_entry(entry: Any, k: int, path: str, by_id: dict[str, NSRItem]) 
                              f"null, [x0, y0, x1, y1]], got {o!r}")
         names.append(o[0])
         boxes.append(_box(o[1], f"{where} (query_id {qid}) object_list[{j}]"))
-    return Prediction(item, int(entry.get("iter", 0)), tuple(names), tuple(boxes))
+    it = entry.get("iter", 0)
+    if not isinstance(it, int) or isinstance(it, bool):
+        raise ValueError(f"{where} (query_id {qid}): 'iter' must be an integer, got {it!r}")
+    return Prediction(item, it, tuple(names), tuple(boxes))
 
 
 def score_predictions(items: Sequence[NSRItem], predictions: Sequence[Prediction],
