@@ -80,7 +80,10 @@ NUMBER_WORDS = {
     "several": 3, "few": 3, "many": 5, "some": 2, "both": 2,
 }
 ARTICLES = ("a", "an", "the")
-_NO_SINGULAR = ("ss", "us", "is", "ous")
+_NO_SINGULAR = ("ss", "us", "ous")
+# Singular words ending in "is" ("broccolis", "skis", "taxis" are plurals).
+_SINGULAR_IS = frozenset(("this", "his", "tennis", "iris", "chassis", "pelvis", "axis",
+                          "basis", "oasis", "trellis", "crisis", "thesis"))
 
 
 def words(text: str) -> list[str]:
@@ -96,7 +99,7 @@ _IRREGULAR = {"buss": "bus", "buses": "bus", "people": "person", "men": "man",
 def singular(word: str) -> str:
     """English plural -> singular by a few irregular forms (``buss`` -> ``bus``, as NSR-1K
     spells the plural) and suffix rules (``boxes`` -> ``box``, ``cherries`` -> ``cherry``,
-    ``shelves`` -> ``shelf``); other words unchanged."""
+    ``shelves`` -> ``shelf``, ``broccolis`` -> ``broccoli``); other words unchanged."""
     w = word
     if w in _IRREGULAR:
         return _IRREGULAR[w]
@@ -108,6 +111,8 @@ def singular(word: str) -> str:
         return w[:-2]
     if w.endswith("ves") and w[:-3].endswith(("l", "ar")):
         return w[:-3] + "f"
+    if w.endswith("is"):
+        return w if w in _SINGULAR_IS else w[:-1]
     if w.endswith("s") and not w.endswith(_NO_SINGULAR):
         return w[:-1]
     return w
@@ -568,7 +573,9 @@ def load_examples(path: str) -> list[Example]:
 
     Accepted files: a sampling JSONL (``goal_jax.layout`` items: caption, phrases, boxes), a
     dataset annotations JSONL (``goal_jax.data.format``; ``xyxy_normalized`` boxes), or an
-    NSR-1K ``*.json`` list (read through ``goal_jax.data.importers.import_nsr1k``).
+    NSR-1K ``*.json`` list (read through ``goal_jax.data.importers.import_nsr1k``). NSR-1K
+    entries whose layout lost a zero-area box (spatial.val ids 919-937 have all-zero boxes)
+    are not examples: they are skipped with a ``UserWarning`` naming them.
 
     Raises:
       PlannerError: naming the file and the first bad item.
@@ -586,7 +593,14 @@ def load_examples(path: str) -> list[Example]:
                 summary = importers.import_nsr1k(path, out)
             except ValueError as e:
                 raise PlannerError(f"examples: {e}") from None
-            examples = _read_annotation_examples(out, path)
+            incomplete = list(dict.fromkeys(d["id"] for d in summary["boxes_dropped"]))
+            examples = _read_annotation_examples(out, path, skip=set(incomplete))
+        if incomplete:
+            import warnings
+
+            warnings.warn(f"examples {path}: skipped {len(incomplete)} entries with a zero-area "
+                          f"box (no complete layout): ids {', '.join(incomplete[:20])}"
+                          f"{' ...' if len(incomplete) > 20 else ''}", stacklevel=2)
         if not examples and summary["items_dropped"]:
             raise PlannerError(f"examples {path}: no usable entry; first problem: "
                                f"{summary['items_dropped'][0]}")
@@ -606,7 +620,8 @@ def load_examples(path: str) -> list[Example]:
     return [Example(item.caption, item.layout) for _, item in items]
 
 
-def _read_annotation_examples(path: str, name: str) -> list[Example]:
+def _read_annotation_examples(path: str, name: str, skip: set[str] = frozenset()
+                              ) -> list[Example]:
     from goal_jax.data import format as fmt
 
     records, errors = fmt.read_annotations(path, require_image=False)
@@ -614,6 +629,8 @@ def _read_annotation_examples(path: str, name: str) -> list[Example]:
         raise PlannerError(f"examples {name}: item {errors[0]['id']}: {errors[0]['reason']}")
     out = []
     for r in records:
+        if r.id in skip:
+            continue
         if r.box_format != "xyxy_normalized":
             raise PlannerError(f"examples {name}: item {r.id} has {r.box_format} boxes; "
                                "in-context examples need xyxy_normalized boxes")

@@ -5,6 +5,17 @@ folder or the json files). Planner metrics only (no model needed)::
 
     python scripts/evaluate.py nsr --nsr LayoutGPT/dataset/NSR-1K --output_dir eval/nsr
 
+Scoring layouts from any planner (no planner is run): LayoutGPT's planner outputs (its
+``llm_output/<task>/*.json``) or a goal_jax plan JSONL, one task per call; writes
+``OUT/results.json`` (``{"counting": {"precision", "recall", "accuracy", ...}}`` or
+``{"spatial": {"accuracy", "missing", ...}}`` x100 with LayoutGPT's name matching, the same
+under ``counting_goal_jax`` / ``spatial_goal_jax`` with goal_jax's stricter matching) and
+``OUT/results.md``::
+
+    python scripts/evaluate.py nsr --nsr LayoutGPT/dataset/NSR-1K --task counting \\
+        --predictions LayoutGPT/llm_output/counting/gpt4.counting.k-similar.k_8.px_64.json \\
+        --output_dir eval/gpt4_counting
+
 With images from the planned (or ``--layouts gt``) layouts, CLIP similarity and detection
 accuracy (GroundingDINO, an open stand-in for LayoutGPT's GLIP)::
 
@@ -18,6 +29,11 @@ is computed here with ``--clip``, e.g. a local ``openai/clip-vit-base-patch32``)
 
     python scripts/evaluate.py compbench --prompts T2I-CompBench/examples/dataset/color_val.txt \\
         --output_dir eval/compbench --pretrained ... --checkpoint ... --n_images 10
+
+After running T2I-CompBench's scorers (``<output_dir>/<file stem>/SCORING.md``), one table of
+their scores next to the GOAL paper's::
+
+    python scripts/evaluate.py compbench summarize eval/compbench
 
 Each run writes ``results.md`` and ``results.json`` (settings, checkpoint, metrics) to
 ``--output_dir``. Layout planning flags are those of ``scripts/plan.py`` (``--planner``...).
@@ -76,17 +92,87 @@ def build_parser() -> argparse.ArgumentParser:
     nsr.add_argument("--layouts", choices=("planned", "gt"), default="planned",
                      help="layouts the images are generated from")
     nsr.add_argument("--n_iter", type=int, default=1, help="images per prompt")
+    nsr.add_argument("--predictions", default=None,
+                     help="score this file of layouts instead of running a planner: "
+                          "LayoutGPT's llm_output JSON or a goal_jax plan JSONL (needs --task)")
+    nsr.add_argument("--task", choices=("counting", "spatial"), default=None,
+                     help="the task of --predictions")
     nsr.add_argument("--detector", default=None,
                      help="transformers GroundingDINO folder (detection accuracy)")
     nsr.add_argument("--box_threshold", type=float, default=0.35)
     nsr.add_argument("--text_threshold", type=float, default=0.25)
     _add_common(nsr)
-    cb = sub.add_parser("compbench", help="T2I-CompBench prompt files")
+    cb = sub.add_parser("compbench", help="T2I-CompBench prompt files (then `compbench "
+                        "summarize DIR` tabulates their scorers' outputs)")
     cb.add_argument("--prompts", nargs="+", required=True, help="prompt files (e.g. "
                     "examples/dataset/color_val.txt)")
     cb.add_argument("--n_images", type=int, default=10, help="images per prompt")
+    cb.add_argument("--complex_partial", action="store_true",
+                    help="allow complex_val with other than 10 images per prompt or --limit "
+                         "(3-in-1 cannot score it then)")
     _add_common(cb)
     return p
+
+
+def build_summarize_parser() -> argparse.ArgumentParser:
+    """``compbench summarize``: T2I-CompBench scorer outputs -> one table."""
+    p = argparse.ArgumentParser(prog="evaluate.py compbench summarize",
+                                description="Reads T2I-CompBench's scorer outputs back into one "
+                                            "table next to the GOAL paper's numbers.")
+    p.add_argument("dirs", nargs="+", help="a compbench --output_dir (one folder per prompt "
+                   "file inside) or the per-file folders themselves")
+    p.add_argument("--output", default=None,
+                   help="markdown file to write (default: <first dir>/compbench_scores.md)")
+    return p
+
+
+def summarize_compbench(argv: Sequence[str]) -> int:
+    from goal_jax.evaluation import compbench
+
+    args = build_summarize_parser().parse_args(argv)
+    try:
+        rows = compbench.collect_scores(args.dirs)
+    except compbench.CompBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = compbench.scores_markdown(rows)
+    out = args.output or os.path.join(args.dirs[0], "compbench_scores.md")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {out}")
+    return 0
+
+
+def score_predictions(args, parser) -> int:
+    """``nsr --predictions FILE --task T``: layout metrics of a prediction file."""
+    from goal_jax.evaluation import nsr, report
+
+    if args.task is None:
+        parser.error("--predictions needs --task counting|spatial")
+    if args.pretrained is not None or args.limit is not None:
+        parser.error("--predictions scores layouts only: drop --pretrained / --limit")
+    start = time.time()
+    try:
+        files = {}
+        for path in args.nsr:
+            files.update(nsr.find_files(path, args.split))
+        if args.task not in files:
+            raise FileNotFoundError(f"no NSR-1K {args.task} file in {args.nsr}")
+        items, dropped = nsr.load(files[args.task], args.output_dir)
+        preds = nsr.read_predictions(args.predictions, items)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = nsr.score_predictions(items, preds, args.output_dir)
+    res["dropped"] = dropped
+    settings = {"predictions": os.path.abspath(args.predictions),
+                "nsr_file": os.path.abspath(files[args.task]), "task": args.task}
+    md, js = report.write(args.output_dir, "NSR-1K", {args.task: res}, settings, None)
+    with open(md, encoding="utf-8") as f:
+        print(f.read())
+    print(f"wrote {md} and {js} ({time.time() - start:.1f} s)")
+    return 0
 
 
 def load_generator(args):
@@ -133,10 +219,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from goal_jax import planner as planner_lib
     from goal_jax.evaluation import compbench, metrics, nsr, report
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["compbench", "summarize"]:
+        return summarize_compbench(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.benchmark == "nsr" and args.predictions is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        return score_predictions(args, parser)
+    if args.benchmark == "compbench":  # before any model is loaded
+        try:
+            for path in args.prompts:
+                compbench.preflight(path, args.n_images, args.limit, args.complex_partial)
+        except compbench.CompBenchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     start = time.time()
     try:
         planner = plan_script.make_planner(args)
@@ -153,7 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--clip / --detector score generated images: give --pretrained too")
     clip_scorer = None
     if args.clip is not None:
-        clip_scorer = metrics.ClipScorer.from_folder(args.clip, args.clip_tokenizer)
+        from goal_jax.text import TokenizerError
+
+        try:
+            clip_scorer = metrics.ClipScorer.from_folder(
+                args.clip, args.clip_tokenizer,
+                fallback_tokenizer=os.path.join(args.pretrained, "tokenizer"))
+        except TokenizerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         settings["clip"] = os.path.abspath(args.clip)
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -205,8 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stem = os.path.splitext(os.path.basename(path))[0]
                 results[stem] = compbench.run(path, os.path.join(args.output_dir, stem), planner,
                                               generator, args.n_images, seed, clip_scorer,
-                                              args.limit, args.overwrite)
-        except compbench.PromptFileError as e:
+                                              args.limit, args.overwrite,
+                                              complex_partial=args.complex_partial)
+        except compbench.CompBenchError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         md, js = report.write(args.output_dir, "T2I-CompBench", results, settings,

@@ -109,3 +109,20 @@ def test_nsr1k_counting_and_spatial(tmp_path):
         with open(tmp_path / "obj.json", "w") as f:
             json.dump({"id": 1}, f)
         importers.import_nsr1k(str(tmp_path / "obj.json"), str(tmp_path / "x.jsonl"))
+
+
+def test_nsr1k_zero_area_boxes_are_listed_not_silent(tmp_path):
+    """A zero-area box is left out of the layout and listed; the entry (its prompt) stays."""
+    counting = [{"id": 7, "num_object": [["cup", 2]], "prompt": "two cups", "type": "template",
+                 "sub-type": "single-category",
+                 "object_list": [["cup", [0.1, 0.1, 0.2, 0.2]], ["cup", [0.5, 0.5, 0.0, 0.3]]]}]
+    with open(tmp_path / "counting.val.json", "w") as f:
+        json.dump(counting, f)
+    s = importers.import_nsr1k(str(tmp_path / "counting.val.json"), str(tmp_path / "c.jsonl"))
+    assert s["items_written"] == 1 and s["items_dropped"] == []
+    assert s["boxes_dropped"] == [{"id": "7", "reason": "object_list[1] ('cup') box has zero "
+                                                        "width or height: [0.5, 0.5, 0.0, 0.3]"}]
+    line = json.loads(open(tmp_path / "c.jsonl").readline())
+    assert line["boxes_dropped"] == 1 and line["prompt_type"] == "template"
+    assert [a["phrase"] for a in line["annotations"]] == ["cup"]
+    assert line["num_object"] == [["cup", 2]]

@@ -88,10 +88,10 @@ def test_spatial_scores_known_values():
 def test_detection_counting_and_labels():
     gt = [("apple", 2), ("banana", 1)]
     s = metrics.detection_counting_score(gt, ["apple", "apple", "banana", "banana"])
-    assert (s["correct_categories"], s["categories"], s["accuracy"]) == (1, 2, 0.0)
+    assert (s["correct_categories"], s["categories"], s["all_correct"]) == (1, 2, False)
     c = metrics.detection_counting_score([("giraffe", 3), ("zebra", 1)],
                                          ["giraffe"] * 3 + ["zebra"] * 2, True)
-    assert (c["correct_categories"], c["categories"], c["accuracy"]) == (1, 1, 1.0)
+    assert (c["correct_categories"], c["categories"], c["all_correct"]) == (1, 2, True)
 
 
 def test_grounding_dino_detector(tmp_path):
@@ -207,6 +207,23 @@ def test_clip_similarity_matches_transformers(tiny_clip, tokenizer_dir):
         scorer.score(images.astype(np.float32), texts)
     with pytest.raises(ValueError, match="5 images but 2 texts"):
         scorer.score(images, texts[:2])
+
+
+def test_clip_tokenizer_fallback(tiny_clip, tokenizer_dir):
+    """A CLIP folder without tokenizer files: the fallback (the pipeline's tokenizer/) is used,
+    or the error says which flag to give."""
+    from goal_jax.text import TokenizerError
+
+    folder, scorer = tiny_clip
+    with pytest.raises(TokenizerError, match=r"has no tokenizer .*give --clip_tokenizer"):
+        metrics.ClipScorer.from_folder(folder)
+    with pytest.raises(TokenizerError, match=r"no CLIP tokenizer: .*give --clip_tokenizer"):
+        metrics.ClipScorer.from_folder(folder, fallback_tokenizer=folder)
+    fallback = metrics.ClipScorer.from_folder(folder, batch_size=4,
+                                              fallback_tokenizer=tokenizer_dir)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    texts = ["a red cat", "a dog"]
+    np.testing.assert_array_equal(fallback.score(images, texts), scorer.score(images, texts))
 
 
 SIZE = 64
@@ -373,15 +390,19 @@ def test_nsr_end_to_end(nsr_dir, tmp_path, tiny_clip):
             assert res[task]["layout"][key] == pytest.approx(value), (task, key)
         assert res[task]["planner_failures"] == 0
     # Detection on images drawn from the planned layouts: counting prompts right are 1, 2, 3
-    # (the "car tire" box is not a car; 3 dogs for 2): 3/5, categories 4/6 (1+1+1+1+0 of
-    # 1+1+1+2+1: the comparison prompt is one category); spatial as the layouts.
+    # (the "car tire" box is not a car; 3 dogs for 2): 3/5 images; LayoutGPT's GLIP accuracy
+    # is right categories / categories = 4/7 (1+1+1+1+0 of 1+1+2+2+1: the comparison prompt is
+    # right once but has two names); spatial as the layouts.
     det = res["counting"]["image"]["detection"]
-    assert det["accuracy"] == pytest.approx(3 / 5)
-    assert det["category_accuracy"] == pytest.approx(4 / 6) and det["n"] == 10
+    assert det["image_accuracy"] == pytest.approx(3 / 5)
+    assert det["accuracy"] == pytest.approx(4 / 7) and det["n"] == 10
+    assert det["categories"] == 14
     assert res["spatial"]["image"]["detection"] == {"accuracy": 0.6, "missing": 2, "n": 10}
     # Images drawn from the ground-truth layouts: every count and relation is detected.
     gt = results["gt"]
-    assert gt["counting"]["image"]["detection"]["accuracy"] == 1.0
+    # (LayoutGPT's GLIP accuracy tops out at 6/7 here: the comparison prompt's second name.)
+    assert gt["counting"]["image"]["detection"]["image_accuracy"] == 1.0
+    assert gt["counting"]["image"]["detection"]["accuracy"] == pytest.approx(6 / 7)
     assert gt["spatial"]["image"]["detection"] == {"accuracy": 1.0, "missing": 0, "n": 10}
 
     # Files: images named <id>_<iter>.png (LayoutGPT's GLIP scripts), per-item rows, planned
@@ -415,10 +436,19 @@ def test_nsr_end_to_end(nsr_dir, tmp_path, tiny_clip):
                           checkpoint="draw_layout (test generator)")
     text = open(md).read()
     print(text)
-    assert "| counting | layout precision | 83.33 | 5 |" in text
-    assert "| counting | layout accuracy | 80.00 | 5 |" in text
-    assert "| spatial | layout accuracy | 60.00 | 5 |" in text
-    assert "| counting | detection accuracy (planned layouts) | 60.00 | 10 |" in text
+    # n per metric: precision leaves the comparison prompt out.
+    assert "| counting | layout precision (LayoutGPT matching) | 83.33 | 4 |" in text
+    assert "| counting | layout accuracy (LayoutGPT matching) | 80.00 | 5 |" in text
+    # goal_jax's matching: the planner's "car tire" is no car (LayoutGPT: "car" is in it).
+    assert "| counting | layout accuracy (goal_jax matching) | 60.00 | 5 |" in text
+    assert "| counting | mscoco: layout recall (goal_jax matching) | 50.00 | 1 |" in text
+    assert "| spatial | layout accuracy (LayoutGPT matching) | 60.00 | 5 |" in text
+    assert "| spatial | layout missing (LayoutGPT matching) | 1 | 5 |" in text
+    assert "| spatial | template: layout accuracy (LayoutGPT matching) | 60.00 | 5 |" in text
+    assert ("| counting | detection accuracy, LayoutGPT's GLIP rule (planned layouts) | 57.14 "
+            "| 14 |") in text
+    assert ("| counting | detection accuracy, all counts right (planned layouts) | 60.00 "
+            "| 10 |") in text
     assert "- checkpoint: `draw_layout (test generator)`" in text
     doc = json.load(open(js))
     assert doc["settings"] == {"planner": "rule", "n_iter": 2}
@@ -567,12 +597,11 @@ def test_evaluate_script_with_real_sampler(tmp_path, nsr_dir, monkeypatch):
     assert all(-1.0 <= c["answer"] <= 1.0 for c in clip_json)
 
     # NSR-1K images from the planned layouts with the same sampler settings (the compiled
-    # program is reused), CLIP-scored.
+    # program is reused), CLIP-scored; the CLIP folder has no tokenizer: the pipeline's is used.
     out = tmp_path / "nsr_images"
     argv = ["nsr", "--nsr", nsr_dir, "--tasks", "spatial", "--limit", "2", "--output_dir",
             str(out), "--pretrained", models.pipeline, "--steps", "2", "--cfg", "2.0",
-            "--num_devices", "1", "--clip", models.clip,
-            "--clip_tokenizer", os.path.join(models.pipeline, "tokenizer")]
+            "--num_devices", "1", "--clip", models.clip]
     assert evaluate.main(argv) == 0
     assert sorted(os.listdir(out / "images" / "spatial")) == ["739_0.png", "741_0.png"]
     doc = json.load(open(out / "results.json"))

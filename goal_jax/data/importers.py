@@ -144,7 +144,17 @@ def import_nsr1k(json_path: str, out_path: str, source: str = "nsr1k") -> dict[s
 
     Each entry becomes ``{"id", "image": "", "caption": prompt, "box_format":
     "xyxy_normalized", "annotations": [{"phrase": object name, "box"}], "category":
-    "counting" | "spatial", "source"}``; spatial entries also keep ``"relation"``.
+    "counting" | "spatial", "source"}``, plus ``"prompt_type"`` (NSR-1K's ``type``), for
+    spatial entries ``"obj1"``, ``"obj2"`` (names) and ``"relation"``, for counting entries
+    ``"num_object"`` and ``"sub_type"`` when present.
+
+    A box with zero width or height (NSR-1K's spatial.val has 19 entries, ids 919-937, whose
+    boxes are all ``[0, 0, 0, 0]``) is left out of ``annotations``: the entry is kept (its
+    prompt is still scored) with ``"boxes_dropped": n``, and the box is listed in the
+    summary's ``"boxes_dropped"`` (``{"id", "reason"}``).
+
+    Returns:
+      ``{"items_written", "items_dropped", "boxes_dropped"}``.
     """
     with open(json_path, encoding="utf-8") as f:
         try:
@@ -153,7 +163,7 @@ def import_nsr1k(json_path: str, out_path: str, source: str = "nsr1k") -> dict[s
             raise ValueError(f"{json_path}: malformed JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(entries, list):
         raise ValueError(f"{json_path}: expected a JSON list of NSR-1K entries, got {type(entries).__name__}")
-    lines, dropped = [], []
+    lines, dropped, boxes_dropped = [], [], []
     for n, entry in enumerate(entries):
         item_id = str(entry.get("id", f"entry {n}")) if isinstance(entry, dict) else f"entry {n}"
         try:
@@ -167,20 +177,34 @@ def import_nsr1k(json_path: str, out_path: str, source: str = "nsr1k") -> dict[s
                 objs = entry["object_list"]
                 if not isinstance(objs, list):
                     raise ValueError("'object_list' must be a list")
-                named = [_named_box(o, f"object_list[{k}]") for k, o in enumerate(objs)]
+                what = [f"object_list[{k}]" for k in range(len(objs))]
+                named = [_named_box(o, w) for o, w in zip(objs, what)]
             elif "obj1" in entry and "obj2" in entry:
                 category = "spatial"
+                what = ["obj1", "obj2"]
                 named = [_named_box(entry["obj1"], "obj1"), _named_box(entry["obj2"], "obj2")]
             else:
                 raise ValueError("neither 'object_list' (counting) nor 'obj1'/'obj2' (spatial)")
         except ValueError as e:
             dropped.append({"id": item_id, "reason": str(e)})
             continue
+        annotations = []
+        for w, (name, box) in zip(what, named):
+            if box[2] > box[0] and box[3] > box[1]:
+                annotations.append({"phrase": name, "box": box})
+            else:
+                boxes_dropped.append({"id": item_id, "reason": f"{w} ({name!r}) box has zero "
+                                      f"width or height: {_entry_box(entry, w)}"})
         obj = {"id": item_id, "image": "", "caption": prompt, "box_format": "xyxy_normalized",
-               "annotations": [{"phrase": name, "box": box} for name, box in named],
-               "category": category, "source": source}
-        if category == "spatial" and "relation" in entry:
-            obj["relation"] = entry["relation"]
+               "annotations": annotations, "category": category, "source": source}
+        if len(annotations) != len(named):
+            obj["boxes_dropped"] = len(named) - len(annotations)
+        if "type" in entry:
+            obj["prompt_type"] = entry["type"]
+        if category == "spatial":
+            obj["obj1"], obj["obj2"] = named[0][0], named[1][0]
+            if "relation" in entry:
+                obj["relation"] = entry["relation"]
         if category == "counting":  # comparison prompts ("more/fewer than") need these
             if "num_object" in entry:
                 obj["num_object"] = entry["num_object"]
@@ -188,4 +212,11 @@ def import_nsr1k(json_path: str, out_path: str, source: str = "nsr1k") -> dict[s
                 obj["sub_type"] = entry["sub-type"]
         lines.append(obj)
     fmt.write_annotations(out_path, lines)
-    return {"items_written": len(lines), "items_dropped": dropped}
+    return {"items_written": len(lines), "items_dropped": dropped, "boxes_dropped": boxes_dropped}
+
+
+def _entry_box(entry: dict, what: str) -> Any:
+    """The raw ``[x, y, w, h]`` of ``obj1`` / ``obj2`` / ``object_list[k]`` in an NSR-1K entry."""
+    if what.startswith("object_list["):
+        return entry["object_list"][int(what[len("object_list["):-1])][1]
+    return entry[what][1]

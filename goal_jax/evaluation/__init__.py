@@ -2,6 +2,8 @@
 
 * :mod:`metrics` -- counting / spatial scores of layouts and detections (LayoutGPT's
   definitions), CLIP image-text similarity with the Flax CLIP.
+* :mod:`matching` -- which predicted boxes denote an object name: LayoutGPT's own rules (the
+  default) and goal_jax's stricter ones.
 * :mod:`detector` -- the detection hook (GroundingDINO through transformers, an open
   stand-in for the GLIP detector LayoutGPT used).
 * :mod:`generate` -- the generator hook ``(caption, layout, seed) -> uint8 image`` and

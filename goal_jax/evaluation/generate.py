@@ -72,13 +72,35 @@ def _check_image(image: Any, what: str) -> np.ndarray:
     return image
 
 
+TMP_PREFIX = ".tmp-"  # an image being written: "<dir>/.tmp-<name>", renamed when complete
+
+
+def remove_partial_writes(folders: Sequence[str]) -> int:
+    """Deletes ``.tmp-*`` files (images an interrupted :func:`render` did not finish) in
+    ``folders``; returns how many."""
+    n = 0
+    for folder in dict.fromkeys(folders):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(folder, name))
+                n += 1
+    return n
+
+
 def render(requests: Sequence[Request], generator: Generator, overwrite: bool = False) -> int:
     """Makes every requested image that does not exist yet (all when ``overwrite``), in
     batches when the generator has ``generate_batch``; returns how many were made. Images are
     written to their paths (PNG), not kept in memory: read them back with :func:`load_images`.
+
+    Each image is written to ``.tmp-<name>`` and renamed, so an interrupted run leaves no
+    half-written image under the real name; such leftovers are deleted at the start (the
+    benchmarks' scorers read every file of the folder).
     """
     from PIL import Image
 
+    remove_partial_writes([os.path.dirname(os.path.abspath(r.path)) for r in requests])
     todo = [i for i, r in enumerate(requests) if overwrite or not os.path.isfile(r.path)]
     use_batch = hasattr(generator, "generate_batch")
     batch = int(getattr(generator, "batch_size", 1) or 1) if use_batch else 1
@@ -96,9 +118,13 @@ def render(requests: Sequence[Request], generator: Generator, overwrite: bool = 
             path = requests[i].path
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                               ".tmp-" + os.path.basename(path))
-            Image.fromarray(image).save(tmp, format="PNG")
-            os.replace(tmp, path)
+                               TMP_PREFIX + os.path.basename(path))
+            try:
+                Image.fromarray(image).save(tmp, format="PNG")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
     return len(todo)
 
 

@@ -1,44 +1,46 @@
 """Scores of layouts and images: NSR-1K counting / spatial metrics and CLIP similarity.
 
-Layout (planner) metrics follow LayoutGPT's ``eval_counting_layout.py`` and
-``eval_spatial_layout.py`` (the numbers of the GOAL paper's Table 8):
+Layout (planner) metrics are those of LayoutGPT's ``eval_counting_layout.py`` and
+``eval_spatial_layout.py`` (the numbers of the GOAL paper's Table 8). Which predicted boxes
+denote which object name is set by ``matching``: ``"layoutgpt"`` (default: LayoutGPT's own
+rules, so the numbers equal what its scripts print) or ``"goal_jax"`` (stricter whole-phrase
+rules); both are defined in :mod:`goal_jax.evaluation.matching`.
 
-* counting, per prompt with ground truth ``[(name, n), ...]`` and predicted phrases: each
-  predicted box counts for the first ground-truth name it denotes (:func:`name_matches`);
-  ``intersection = sum_name min(pred_n, gt_n)``; precision = intersection / (all predicted
-  boxes), recall = intersection / (all ground-truth objects), both 0 when the intersection is
-  0; accuracy = every name's count exact; MAE = mean |pred_n - gt_n| over names.
-  Comparison prompts (``sub-type == "comparison"``: "the number of X is more than that of
-  Y") score accuracy only: correct when the counts equal the ground truth's when it is a tie,
-  else when X's count is exact and the sign of X - Y agrees. Averages are over prompts
-  (precision / recall / MAE over non-comparison prompts).
-* spatial: the boxes denoting obj1 and obj2 (:func:`name_matches`); correct when some pair
-  (b1, b2) has the ground-truth relation by the direction of their centres
-  (:func:`spatial_relation`: left / right / top / bottom within 45 degrees of the axis;
-  "next to" accepts left or right); a prompt whose obj1 or obj2 has no box is wrong and
-  counted as missing.
+* counting, per prediction with ground truth ``[(name, n), ...]`` (NSR-1K's ``num_object``):
+  ``intersection = sum_name min(pred_n, gt_n)``; precision = intersection / (predicted boxes
+  with a name), recall = intersection / (ground-truth objects), IoU = intersection /
+  ``sum_name max(pred_n, gt_n)``, all three 0 when the intersection is 0; accuracy = every
+  name's count exact; MAE = mean |pred_n - gt_n| over names. Comparison prompts
+  (``sub-type == "comparison"``: "the number of X is more than that of Y") score accuracy
+  only: right when all four counts are equal, or when X's count is exact and X - Y has the
+  ground truth's sign. Averages are over predictions; precision / recall / IoU / MAE over the
+  non-comparison ones (:func:`summarize_counting` reports each metric's n).
+* spatial: the boxes standing for obj1 and obj2; right when some pair (b1, b2) has the
+  ground-truth relation by the direction of their centres (:func:`spatial_relation`: left /
+  right / top / bottom within 45 degrees of the axis; "next to" accepts left or right); a
+  prediction without a box for obj1 or obj2 is wrong and counted as missing.
 
-Name matching differs from LayoutGPT in one way: LayoutGPT strips article characters with
-``str.lstrip`` and matches substrings, and uses ``difflib.get_close_matches`` for spatial
-names; here both use :func:`goal_jax.planner.name_matches` (whole words, plural-insensitive),
-so "car" matches "a red car" but not "carpet".
-
-Image metrics: detections (``goal_jax.evaluation.detector``) scored as LayoutGPT's GLIP
-evaluation (a category is right when its detected count equals the ground truth; comparison
-prompts by the same rule as layouts; spatial as above on detected boxes), and CLIP
-image-text cosine similarity (:class:`ClipScorer`, the Flax CLIP; T2I-CompBench's CLIPScore
-is this cosine with OpenAI CLIP ViT-B/32).
+Image metrics follow LayoutGPT's GLIP scripts (``eval_models/GLIP/eval_counting.py`` /
+``eval_spatial.py``): a detection counts for a name when its label is exactly that name
+(the detector is prompted with the names). Counting accuracy = right categories / categories
+over all images, where an image has one category per distinct ground-truth name (right when
+its detected count is exact) except that a comparison prompt is right once (by the comparison
+rule) but still has two categories in the denominator -- as LayoutGPT's script counts it.
+Spatial accuracy = images with the relation found / images. CLIP image-text cosine similarity:
+:class:`ClipScorer` (the Flax CLIP; T2I-CompBench's CLIPScore is this cosine with OpenAI CLIP
+ViT-B/32).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from goal_jax.planner import name_matches
+from goal_jax.evaluation import matching as matching_lib
+from goal_jax.evaluation.matching import LAYOUTGPT
 
 RELATIONS = ("left", "right", "top", "bottom", "next to")
 _THETA = math.sqrt(2) / 2
@@ -53,7 +55,7 @@ def spatial_relation(box1: Sequence[float], box2: Sequence[float]) -> str:
     """Relation of box1 to box2 (xyxy, y down) by the direction between their centres:
     ``"right"`` when cos > sqrt(2)/2 (box1's centre is right of box2's), ``"top"`` when
     sin > sqrt(2)/2 (above), ``"left"``, ``"bottom"``, else ``"diagonal"``; identical boxes
-    are ``"diagonal"`` (LayoutGPT's ``eval_spatial_relation``)."""
+    and boxes with the same centre are ``"diagonal"`` (LayoutGPT's ``eval_spatial_relation``)."""
     b1 = [float(v) for v in box1]
     b2 = [float(v) for v in box2]
     if b1 == b2:
@@ -86,15 +88,25 @@ def relation_holds(relation: str, boxes1: Sequence[Sequence[float]],
     return relation in found
 
 
-def spatial_score(obj1: str, obj2: str, relation: str, phrases: Sequence[str],
-                  boxes: Sequence[Sequence[float]]) -> dict[str, bool]:
-    """One spatial prompt on a layout (or detections as phrases + boxes) ->
-    ``{"correct", "missing"}``."""
-    b1 = [b for p, b in zip(phrases, boxes) if name_matches(obj1, p)]
-    b2 = [b for p, b in zip(phrases, boxes) if name_matches(obj2, p)]
+def _spatial_from_boxes(relation: str, b1, b2) -> dict[str, bool]:
     if not b1 or not b2:
         return {"correct": False, "missing": True}
     return {"correct": relation_holds(relation, b1, b2), "missing": False}
+
+
+def spatial_score(obj1: str, obj2: str, relation: str, phrases: Sequence[str | None],
+                  boxes: Sequence[Sequence[float]], matching: str = LAYOUTGPT
+                  ) -> dict[str, bool]:
+    """One spatial prompt on a predicted layout -> ``{"correct", "missing"}``.
+
+    Args:
+      phrases, boxes: the predicted boxes (xyxy, any common unit) and their names (None: a box
+        without a name, left out).
+      matching: "layoutgpt" or "goal_jax" (:mod:`goal_jax.evaluation.matching`).
+    """
+    b1 = matching_lib.spatial_boxes(obj1, phrases, boxes, matching)
+    b2 = matching_lib.spatial_boxes(obj2, phrases, boxes, matching)
+    return _spatial_from_boxes(relation, b1, b2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,43 +114,30 @@ def spatial_score(obj1: str, obj2: str, relation: str, phrases: Sequence[str],
 # ----------------------------------------------------------------------------------------------
 
 
-def count_by_name(names: Sequence[str], phrases: Iterable[str]) -> tuple[dict[str, int], int]:
-    """Predicted boxes per ground-truth name (each phrase counts for the first name it
-    denotes) and the total number of phrases."""
-    counts = {n: 0 for n in names}
-    total = 0
-    for phrase in phrases:
-        total += 1
-        for n in names:
-            if name_matches(n, phrase):
-                counts[n] += 1
-                break
-    return counts, total
-
-
 def _comparison_correct(gt: Sequence[tuple[str, int]], pred: dict[str, int]) -> bool:
     (n1, g1), (n2, g2) = gt[0], gt[1]
-    p1, p2 = pred[n1], pred[n2]
-    if g1 == g2:
-        return p1 == g1 and p2 == g2
+    p1, p2 = pred.get(n1, 0), pred.get(n2, 0)
+    if g1 == g2 == p1 == p2:
+        return True
     return p1 == g1 and (g1 - g2) * (p1 - p2) > 0
 
 
-def counting_score(gt: Sequence[tuple[str, int]], phrases: Sequence[str],
-                   comparison: bool = False) -> dict[str, Any]:
-    """One counting prompt -> ``{"precision", "recall", "iou", "mae", "accuracy",
+def counting_score(gt: Sequence[tuple[str, int]], phrases: Sequence[str | None],
+                   comparison: bool = False, matching: str = LAYOUTGPT) -> dict[str, Any]:
+    """One counting prediction -> ``{"precision", "recall", "iou", "mae", "accuracy",
     "comparison", "counts"}`` (precision / recall / iou / mae None for comparison prompts).
 
     Args:
       gt: ``[(name, count), ...]`` (NSR-1K's ``num_object``).
-      phrases: the predicted boxes' phrases (a layout's, or detected labels).
+      phrases: the predicted boxes' names (None: a box without a name, not counted).
       comparison: score as a comparison prompt (needs exactly two names).
+      matching: "layoutgpt" or "goal_jax" (:mod:`goal_jax.evaluation.matching`).
     """
     gt = [(str(n), int(c)) for n, c in gt]
     if not gt:
         raise ValueError("counting_score: the ground truth has no objects")
     names = [n for n, _ in gt]
-    pred, total = count_by_name(names, phrases)
+    pred, total = matching_lib.count_by_name(names, phrases, matching)
     out: dict[str, Any] = {"comparison": bool(comparison), "counts": dict(pred)}
     if comparison:
         if len(gt) != 2:
@@ -159,20 +158,53 @@ def counting_score(gt: Sequence[tuple[str, int]], phrases: Sequence[str],
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Detections (LayoutGPT's GLIP evaluation).
+# ----------------------------------------------------------------------------------------------
+
+
 def detection_counting_score(gt: Sequence[tuple[str, int]], labels: Sequence[str],
                              comparison: bool = False) -> dict[str, Any]:
-    """Counting on detections (LayoutGPT's GLIP rule): ``{"correct_categories",
-    "categories", "accuracy"}``; a comparison prompt is one category, right by the
-    comparison rule; otherwise each name is right when its detected count is exact."""
+    """Counting on one image's detections: ``{"correct_categories", "categories",
+    "all_correct", "counts"}``. A detection counts for a name when its label (stripped) is
+    exactly the name; ``categories`` = distinct ground-truth names (2 for a comparison
+    prompt, which has at most 1 right category: LayoutGPT's GLIP rule)."""
     gt = [(str(n), int(c)) for n, c in gt]
-    pred, _ = count_by_name([n for n, _ in gt], labels)
+    stripped = [str(x).strip() for x in labels]
+    wanted = dict(gt)
+    pred = {n: stripped.count(n) for n in wanted}
     if comparison:
         ok = _comparison_correct(gt, pred)
-        return {"correct_categories": int(ok), "categories": 1, "accuracy": float(ok),
-                "counts": pred}
-    right = sum(pred[n] == c for n, c in gt)
-    return {"correct_categories": right, "categories": len(gt),
-            "accuracy": float(right == len(gt)), "counts": pred}
+        return {"correct_categories": int(ok), "categories": len(wanted),
+                "all_correct": bool(ok), "counts": pred}
+    right = sum(pred[n] == c for n, c in wanted.items())
+    return {"correct_categories": right, "categories": len(wanted),
+            "all_correct": right == len(wanted), "counts": pred}
+
+
+def detection_spatial_score(obj1: str, obj2: str, relation: str, labels: Sequence[str],
+                            boxes: Sequence[Sequence[float]]) -> dict[str, bool]:
+    """Spatial on one image's detections (labels exactly obj1 / obj2) ->
+    ``{"correct", "missing"}``."""
+    stripped = [str(x).strip() for x in labels]
+    b1 = [b for n, b in zip(stripped, boxes) if n == obj1]
+    b2 = [b for n, b in zip(stripped, boxes) if n == obj2]
+    return _spatial_from_boxes(relation, b1, b2)
+
+
+def summarize_detection_counting(rows: Sequence[dict]) -> dict[str, Any]:
+    """Per-image :func:`detection_counting_score` rows -> ``{"accuracy"`` (LayoutGPT's GLIP
+    counting accuracy: right categories / categories), ``"image_accuracy"`` (images with
+    every category right), ``"n"`` (images), ``"categories"}``."""
+    cats = sum(r["categories"] for r in rows)
+    return {"accuracy": (sum(r["correct_categories"] for r in rows) / cats) if cats else None,
+            "image_accuracy": mean_of([{"c": float(r["all_correct"])} for r in rows], "c"),
+            "n": len(rows), "categories": cats}
+
+
+# ----------------------------------------------------------------------------------------------
+# Averages.
+# ----------------------------------------------------------------------------------------------
 
 
 def mean_of(rows: Sequence[dict], key: str) -> float | None:
@@ -181,18 +213,40 @@ def mean_of(rows: Sequence[dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def summarize_counting(rows: Sequence[dict]) -> dict[str, Any]:
-    """Per-prompt :func:`counting_score` rows -> means and sizes."""
-    return {"precision": mean_of(rows, "precision"), "recall": mean_of(rows, "recall"),
-            "iou": mean_of(rows, "iou"), "mae": mean_of(rows, "mae"),
-            "accuracy": mean_of(rows, "accuracy"), "n": len(rows),
-            "n_comparison": sum(bool(r["comparison"]) for r in rows)}
+def _by_type(rows: Sequence[dict], types: Sequence[str] | None, fn) -> dict[str, Any]:
+    if types is None:
+        return {}
+    if len(types) != len(rows):
+        raise ValueError(f"{len(types)} prompt types for {len(rows)} rows")
+    out = {}
+    for t in dict.fromkeys(types):
+        out[t] = fn([r for r, rt in zip(rows, types) if rt == t], None)
+    return {"by_type": out}
 
 
-def summarize_spatial(rows: Sequence[dict]) -> dict[str, Any]:
-    """Per-prompt :func:`spatial_score` rows -> accuracy, missing count, size."""
-    return {"accuracy": mean_of([{"c": float(r["correct"])} for r in rows], "c"),
-            "missing": sum(bool(r["missing"]) for r in rows), "n": len(rows)}
+def summarize_counting(rows: Sequence[dict], types: Sequence[str] | None = None
+                       ) -> dict[str, Any]:
+    """Per-prediction :func:`counting_score` rows -> means with their sizes: ``n`` (all rows:
+    accuracy's n), ``n_counted`` (non-comparison rows: the n of precision / recall / IoU /
+    MAE), ``n_comparison``; with ``types`` (one NSR-1K ``type`` per row), the same per type
+    under ``"by_type"``."""
+    n_cmp = sum(bool(r["comparison"]) for r in rows)
+    out = {"precision": mean_of(rows, "precision"), "recall": mean_of(rows, "recall"),
+           "iou": mean_of(rows, "iou"), "mae": mean_of(rows, "mae"),
+           "accuracy": mean_of(rows, "accuracy"), "n": len(rows),
+           "n_counted": len(rows) - n_cmp, "n_comparison": n_cmp}
+    out.update(_by_type(rows, types, summarize_counting))
+    return out
+
+
+def summarize_spatial(rows: Sequence[dict], types: Sequence[str] | None = None
+                      ) -> dict[str, Any]:
+    """Per-prediction :func:`spatial_score` rows -> ``{"accuracy", "missing", "n"}`` (and
+    ``"by_type"`` with ``types``, as LayoutGPT prints per template / natural prompts)."""
+    out = {"accuracy": mean_of([{"c": float(r["correct"])} for r in rows], "c"),
+           "missing": sum(bool(r["missing"]) for r in rows), "n": len(rows)}
+    out.update(_by_type(rows, types, summarize_spatial))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,13 +292,35 @@ class ClipScorer:
 
     @classmethod
     def from_folder(cls, clip_folder: str, tokenizer_folder: str | None = None,
-                    batch_size: int = 8) -> "ClipScorer":
-        """A Hugging Face CLIPModel folder (its own tokenizer files, or ``tokenizer_folder``)."""
+                    batch_size: int = 8, fallback_tokenizer: str | None = None
+                    ) -> "ClipScorer":
+        """A Hugging Face CLIPModel folder. Its tokenizer: ``tokenizer_folder`` when given,
+        else the CLIP folder's own tokenizer files, else ``fallback_tokenizer`` (e.g. the
+        pipeline's ``tokenizer/``; CLIP ViT-L/14 and SD-1.4 share one tokenizer).
+
+        Raises:
+          goal_jax.text.TokenizerError: naming every folder tried.
+        """
         from goal_jax import text as text_lib
         from goal_jax import weights
 
+        if tokenizer_folder is not None:
+            tokenizer = text_lib.load_tokenizer(tokenizer_folder)
+        else:
+            try:
+                tokenizer = text_lib.load_tokenizer(clip_folder)
+            except text_lib.TokenizerError as e:
+                if fallback_tokenizer is None:
+                    raise text_lib.TokenizerError(
+                        f"CLIP folder {clip_folder} has no tokenizer ({e}); give "
+                        "--clip_tokenizer (or --pretrained, whose tokenizer/ is used)") from None
+                try:
+                    tokenizer = text_lib.load_tokenizer(fallback_tokenizer)
+                except text_lib.TokenizerError as e2:
+                    raise text_lib.TokenizerError(
+                        f"no CLIP tokenizer: {clip_folder}: {e}; {fallback_tokenizer}: {e2}; "
+                        "give --clip_tokenizer") from None
         model, params = weights.load_clip(clip_folder)
-        tokenizer = text_lib.load_tokenizer(tokenizer_folder or clip_folder)
         return cls(model, params, tokenizer, batch_size)
 
     def score(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
