@@ -19,6 +19,12 @@ is computed here with ``--clip``, e.g. a local ``openai/clip-vit-base-patch32``)
     python scripts/evaluate.py compbench --prompts T2I-CompBench/examples/dataset/color_val.txt \\
         --output_dir eval/compbench --pretrained ... --checkpoint ... --n_images 10
 
+Shapes world: the oracle (goal_jax.evaluation.oracle; pixels only, no CLIP) scores a folder
+written by ``scripts/sample.py`` -- per box presence, colour, shape, texture and IoU, per image
+the category's verdict (colour / shape / texture binding, spatial, counting, complex)::
+
+    python scripts/evaluate.py oracle --samples samples/ --output_dir eval/oracle
+
 Each run writes ``results.md`` and ``results.json`` (settings, checkpoint, metrics) to
 ``--output_dir``. Layout planning flags are those of ``scripts/plan.py`` (``--planner``...).
 """
@@ -86,7 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
                     "examples/dataset/color_val.txt)")
     cb.add_argument("--n_images", type=int, default=10, help="images per prompt")
     _add_common(cb)
+    add_oracle_parser(sub)
     return p
+
+
+# ----------------------------------------------------------------------------------------------
+# oracle: the shapes-world oracle on a scripts/sample.py folder (self-contained).
+# ----------------------------------------------------------------------------------------------
+
+
+def add_oracle_parser(sub) -> None:
+    o = sub.add_parser("oracle", help="shapes world: score a scripts/sample.py folder with the "
+                       "pixel oracle (no CLIP)")
+    o.add_argument("--samples", required=True, help="folder written by scripts/sample.py")
+    o.add_argument("--output_dir", default=None,
+                   help="where results.json / results.md go (default: --samples)")
+    o.add_argument("--oracle", default=None,
+                   help="oracle folder (default: assets/shapes_world/oracle)")
+
+
+def run_oracle(args) -> int:
+    """Scores ``args.samples`` with the shapes-world oracle; writes results.json (per item,
+    per box, per-category means) and results.md to ``args.output_dir``; returns 0, or 2 with
+    an error naming the folder / file."""
+    from goal_jax.evaluation import oracle as oracle_lib
+
+    start = time.time()
+    try:
+        oracle = oracle_lib.Oracle.load(args.oracle)
+        scored = oracle_lib.score_folder(args.samples, oracle)
+    except (oracle_lib.OracleError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md, js = oracle_lib.write_results(args.output_dir or args.samples, scored)
+    with open(md, encoding="utf-8") as f:
+        print(f.read())
+    print(f"wrote {md} and {js} ({time.time() - start:.1f} s)")
+    return 0
 
 
 def load_generator(args):
@@ -135,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.benchmark == "oracle":
+        return run_oracle(args)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     start = time.time()
