@@ -181,8 +181,10 @@ def test_evaluate_oracle_command(tmp_path):
     summary = res["summary"]
     assert summary["boxes"]["n"] == n_boxes
     assert (summary["boxes"]["present"], summary["boxes"]["correct"], summary["verdict"]) == (1.0, 1.0, 1.0)
-    assert summary["categories"]["color"] == {"n": 1, "verdict": 1.0}
-    assert "| color | 1 | 100.0 % |" in (out / "results.md").read_text()
+    assert summary["categories"]["color"]["verdict"] == 1.0
+    assert summary["categories"]["color"]["boxes"]["color_in_box"] == 1.0
+    assert summary["categories"]["shape"]["boxes"]["color_in_box"] is None  # no colour named
+    assert "| color | 1 | 100.0 % | 100.0 % | 100.0 % | 100.0 % |" in (out / "results.md").read_text()
 
 
 def test_evaluate_oracle_command_errors(tmp_path, capsys):

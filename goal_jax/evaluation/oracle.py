@@ -522,11 +522,28 @@ def _mean(xs) -> float | None:
 
 
 def summarize(results: Sequence[dict]) -> dict:
-    """Per-box means over all items (present, color_in_box = present and named colour right,
-    color / shape / texture accuracy where named, correct, mean IoU of present boxes) and
-    per-category verdict means (plus relation_ok for spatial, exact count for counting)."""
+    """Per-box means over all items (:func:`box_summary`) and per category: the verdict mean
+    (plus relation_ok for spatial) and the box means of its items."""
+    cats = {}
+    for cat in CATEGORIES:
+        rs = [r for r in results if r["category"] == cat]
+        if not rs:
+            continue
+        cats[cat] = {"n": len(rs), "verdict": _mean(r["verdict"] for r in rs)}
+        if cat == "spatial":
+            cats[cat]["relation_ok"] = _mean(r["relation_ok"] for r in rs)
+        cats[cat]["boxes"] = box_summary(rs)
+    return {"items": len(results), "verdict": _mean(r["verdict"] for r in results),
+            "boxes": box_summary(results), "categories": cats}
+
+
+def box_summary(results: Sequence[dict]) -> dict:
+    """Means over the boxes of ``results``: present, color_in_box (present and the named
+    colour right, over boxes whose phrase names a colour), color / shape / texture (accuracy
+    where the phrase names it), correct (present and every named attribute right), iou (mean
+    IoU of the detected object with the box; 0 where nothing was detected)."""
     boxes = [b for r in results for b in r["boxes"]]
-    box_summary = {
+    return {
         "n": len(boxes),
         "present": _mean(b["reading"]["present"] for b in boxes),
         "color_in_box": _mean(b["reading"]["present"] and b["color_ok"] for b in boxes
@@ -537,16 +554,6 @@ def summarize(results: Sequence[dict]) -> dict:
         "correct": _mean(b["correct"] for b in boxes),
         "iou": _mean(b["reading"]["iou"] for b in boxes),
     }
-    cats = {}
-    for cat in CATEGORIES:
-        rs = [r for r in results if r["category"] == cat]
-        if not rs:
-            continue
-        cats[cat] = {"n": len(rs), "verdict": _mean(r["verdict"] for r in rs)}
-        if cat == "spatial":
-            cats[cat]["relation_ok"] = _mean(r["relation_ok"] for r in rs)
-    return {"items": len(results), "verdict": _mean(r["verdict"] for r in results),
-            "boxes": box_summary, "categories": cats}
 
 
 def read_folder(folder: str) -> tuple[list[np.ndarray], list[dict], list[str]]:
@@ -621,10 +628,13 @@ def results_markdown(scored: dict, title: str = "Shapes-world oracle") -> str:
              f"| | {_pct(b['present'])} | {_pct(b['color_in_box'])} | {_pct(b['color'])} | "
              f"{_pct(b['shape'])} | {_pct(b['texture'])} | {_pct(b['correct'])} | "
              f"{iou} |", "",
-             "| category | images | verdict |", "|---|---|---|"]
+             "| category | images | verdict | boxes: present | colour in box | all named right |",
+             "|---|---|---|---|---|---|"]
     for cat, c in s["categories"].items():
         extra = f" (relation {_pct(c['relation_ok'])})" if "relation_ok" in c else ""
-        lines.append(f"| {cat} | {c['n']} | {_pct(c['verdict'])}{extra} |")
+        cb = c["boxes"]
+        lines.append(f"| {cat} | {c['n']} | {_pct(c['verdict'])}{extra} | {_pct(cb['present'])} "
+                     f"| {_pct(cb['color_in_box'])} | {_pct(cb['correct'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -855,6 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scored = score_folder(args.floor, oracle)
             validation["floor"] = {"about": args.floor_about, **scored["summary"]}
         config["validation"] = validation
+        config["validate_command"] = "python -m goal_jax.evaluation.oracle " + " ".join(argv)
         oracle_model.save(args.out, oracle.params, config)
         _print_validation(validation)
         if "floor" in validation:

@@ -46,7 +46,7 @@ def head_sizes() -> dict[str, int]:
 class OracleCNN(nn.Module):
     """Crops float32 [N, S, S, 3] in [0, 1] -> dict of logits (see the module docstring)."""
 
-    features: tuple[int, ...] = (24, 32, 48, 64)
+    features: tuple[int, ...] = (16, 24, 32, 48)
     head_sizes: tuple[tuple[str, int], ...] = ()
 
     @nn.compact
@@ -257,7 +257,7 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 100    # at most 10 % of the steps
     seed: int = 0              # init + crop sampling; the training pool renders seed [seed]
     pool_items: int = 3000     # rendered items the crops are cut from
     features: tuple[int, ...] = (16, 24, 32, 48)
@@ -285,7 +285,10 @@ def train(cfg: TrainConfig, log=print):
     sampler = CropSampler(cfg.seed, cfg.pool_items)
     params = model.init(jax.random.PRNGKey(cfg.seed),
                         jnp.zeros((1, CROP_SIZE, CROP_SIZE, 3)))["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+    if cfg.steps < 1:
+        raise ValueError(f"oracle training needs steps >= 1, got {cfg.steps}")
+    warmup = min(cfg.warmup_steps, cfg.steps // 10)  # short (smoke) runs warm up for 10 %
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup,
                                                   cfg.steps, cfg.learning_rate * 0.02)
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
     opt_state = tx.init(params)
