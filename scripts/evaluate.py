@@ -121,7 +121,7 @@ def run_oracle(args) -> int:
     try:
         oracle = oracle_lib.Oracle.load(args.oracle)
         scored = oracle_lib.score_folder(args.samples, oracle)
-    except (oracle_lib.OracleError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # OracleError names the item / file
         print(f"error: {e}", file=sys.stderr)
         return 2
     md, js = oracle_lib.write_results(args.output_dir or args.samples, scored)

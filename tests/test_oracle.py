@@ -130,6 +130,16 @@ def test_wrong_layouts_get_wrong_verdicts(oracle):
     assert (rd["present"], rd["iou"], rd["detected_box"], r["verdict"]) == (False, 0.0, None, False)
 
 
+def test_bad_boxes_are_errors_naming_the_item(oracle):
+    image = np.full((RES, RES, 3), 200, np.uint8)
+    with pytest.raises(oracle_lib.OracleError, match=r"^odd: box 0 \[0.5, 0.2, 0.4, 0.6\] has x0 >= x1"):
+        oracle.score_item(image, "a red circle", ["a red circle"], [[0.5, 0.2, 0.4, 0.6]], "odd")
+    with pytest.raises(oracle_lib.OracleError, match=r"^big: box 0 \[0.0, 0.0, 64.0, 64.0\] is outside"):
+        oracle.score_item(image, "a red circle", ["a red circle"], [[0, 0, 64, 64]], "big")
+    with pytest.raises(oracle_lib.OracleError, match="^two: 1 phrases but 2 boxes"):
+        oracle.score_item(image, "a red circle", ["a red circle"], [[0, 0, .5, .5]] * 2, "two")
+
+
 def test_find_extents_of_a_drawn_square():
     image = np.full((RES, RES, 3), 200.0, np.float32)
     image[10:30, 20:44] = shapes.COLORS["blue"]

@@ -373,6 +373,24 @@ class BoxReading:
         return d
 
 
+def _check_boxes(boxes, name: str) -> np.ndarray:
+    """Relative xyxy boxes -> float64 [K, 4]; OracleError naming ``name`` and the box if not
+    [K, 4], outside [0, 1] or empty (x0 >= x1 or y0 >= y1)."""
+    arr = np.asarray(boxes, np.float64)
+    if arr.size == 0:
+        return arr.reshape(0, 4)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise OracleError(f"{name}: boxes must be [K, 4] (x0, y0, x1, y1 in [0, 1]), got shape "
+                          f"{arr.shape}")
+    for k, (x0, y0, x1, y1) in enumerate(arr):
+        if not (np.isfinite(arr[k]).all() and (0 <= arr[k]).all() and (arr[k] <= 1).all()):
+            raise OracleError(f"{name}: box {k} {arr[k].tolist()} is outside [0, 1] (boxes are "
+                              "fractions of the image width / height)")
+        if x0 >= x1 or y0 >= y1:
+            raise OracleError(f"{name}: box {k} {arr[k].tolist()} has x0 >= x1 or y0 >= y1")
+    return arr
+
+
 class Oracle:
     """The trained oracle: ``Oracle.load(folder)``; see the module docstring for the API."""
 
@@ -408,13 +426,22 @@ class Oracle:
         """One image (uint8 [H, W, 3]) and its boxes ([K, 4], xyxy in [0, 1]) -> K readings."""
         return self.read_batch([image], [boxes])[0]
 
-    def read_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[list[BoxReading]]:
-        """Images and their boxes (relative xyxy) -> readings per image (one CNN call)."""
+    def read_batch(self, images: Sequence[np.ndarray], boxes: Sequence,
+                   names: Sequence[str] | None = None) -> list[list[BoxReading]]:
+        """Images and their boxes (relative xyxy) -> readings per image (one CNN call).
+
+        Raises:
+          OracleError: naming the image (``names[i]``, else ``image i``) and the box: not
+            [K, 4], a coordinate outside [0, 1], or x0 >= x1 / y0 >= y1.
+        """
+        if len(images) != len(boxes):
+            raise OracleError(f"{len(images)} images but {len(boxes)} box lists")
         res = oracle_model.WORK_RESOLUTION
         works, pixel_boxes, crops = [], [], []
-        for image, bxs in zip(images, boxes):
+        for i, (image, bxs) in enumerate(zip(images, boxes)):
+            name = names[i] if names is not None else f"image {i}"
             work = to_work_image(image)
-            bp = np.asarray(bxs, np.float64).reshape(-1, 4) * res
+            bp = _check_boxes(bxs, name) * res
             works.append(work)
             pixel_boxes.append(bp)
             crops.append(oracle_model.crops_for_boxes(work, bp))
@@ -464,7 +491,7 @@ class Oracle:
                 raise OracleError(f"{name}: {len(it['phrases'])} phrases but {len(it['boxes'])} boxes")
             specs.append((name, parse_caption(it["caption"], it["phrases"], name, it.get("category")),
                           [parse_phrase(p, f"{name} phrase {j}") for j, p in enumerate(it["phrases"])]))
-        readings = self.read_batch(images, [it["boxes"] for it in items])
+        readings = self.read_batch(images, [it["boxes"] for it in items], [n for n, _, _ in specs])
         return [judge(name, it, cap, phr, r)
                 for (name, cap, phr), it, r in zip(specs, items, readings)]
 
@@ -874,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         oracle = Oracle.load(args.oracle)
         scored = score_folder(args.folder, oracle)
-    except (OracleError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # OracleError names the item / file
         print(f"error: {e}", file=sys.stderr)
         return 2
     md, js = write_results(args.output_dir or args.folder, scored)
