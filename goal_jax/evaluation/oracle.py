@@ -567,17 +567,19 @@ def summarize(results: Sequence[dict]) -> dict:
 def box_summary(results: Sequence[dict]) -> dict:
     """Means over the boxes of ``results``: present, color_in_box (present and the named
     colour right, over boxes whose phrase names a colour), color / shape / texture (accuracy
-    where the phrase names it), correct (present and every named attribute right), iou (mean
+    over the boxes where an object was found and the phrase names it; None when none),
+    correct (present and every named attribute right), iou (mean
     IoU of the detected object with the box; 0 where nothing was detected)."""
     boxes = [b for r in results for b in r["boxes"]]
+    found = [b for b in boxes if b["reading"]["present"]]
     return {
         "n": len(boxes),
         "present": _mean(b["reading"]["present"] for b in boxes),
         "color_in_box": _mean(b["reading"]["present"] and b["color_ok"] for b in boxes
                               if b["color_ok"] is not None),
-        "color": _mean(b["color_ok"] for b in boxes),
-        "shape": _mean(b["shape_ok"] for b in boxes),
-        "texture": _mean(b["texture_ok"] for b in boxes),
+        "color": _mean(b["color_ok"] for b in found),
+        "shape": _mean(b["shape_ok"] for b in found),
+        "texture": _mean(b["texture_ok"] for b in found),
         "correct": _mean(b["correct"] for b in boxes),
         "iou": _mean(b["reading"]["iou"] for b in boxes),
     }
@@ -650,8 +652,8 @@ def results_markdown(scored: dict, title: str = "Shapes-world oracle") -> str:
     iou = "-" if b["iou"] is None else f"{b['iou']:.3f}"
     lines = [f"# {title}", "", f"Folder: `{scored.get('folder')}`; {s['items']} images, "
              f"{b['n']} boxes; all-categories verdict {_pct(s['verdict'])}.", "",
-             "| per box | present | colour in box | colour | shape | texture | all named right "
-             "| mean IoU |", "|---|---|---|---|---|---|---|---|",
+             "| per box | present | colour in box | colour | shape | texture (of objects found) "
+             "| all named right | mean IoU |", "|---|---|---|---|---|---|---|---|",
              f"| | {_pct(b['present'])} | {_pct(b['color_in_box'])} | {_pct(b['color'])} | "
              f"{_pct(b['shape'])} | {_pct(b['texture'])} | {_pct(b['correct'])} | "
              f"{iou} |", "",
