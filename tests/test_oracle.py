@@ -208,3 +208,30 @@ def test_evaluate_oracle_command_errors(tmp_path, capsys):
     empty.mkdir()
     assert evaluate.main(["oracle", "--samples", str(empty)]) == 2
     assert f"error: {empty}: no sample metadata" in capsys.readouterr().err
+
+
+def test_heldout_layouts_are_valid_and_deterministic():
+    items = oracle_lib.heldout_layouts(6, prefix="floor")
+    assert items == oracle_lib.heldout_layouts(6, prefix="floor")
+    assert [it["id"] for it in items] == [f"floor-{i:03d}" for i in range(6)]
+    assert [it["seed"] for it in items] == list(range(6))
+    for it in items:
+        parsed = layout_lib.parse_item(it, it["id"])
+        assert parsed.layout.phrases == tuple(it["phrases"])
+    cats = [oracle_lib.parse_caption(it["caption"], it["phrases"]).category for it in items]
+    assert cats == list(shapes.CATEGORY_CYCLE)
+
+
+def test_crop_sampler_labels():
+    sampler = oracle_model.CropSampler(seed=3, pool_items=12)
+    crops, labels = sampler.batch(64)
+    again = oracle_model.CropSampler(seed=3, pool_items=12).batch(64)
+    np.testing.assert_array_equal(crops, again[0])
+    assert crops.shape == (64, oracle_model.CROP_SIZE, oracle_model.CROP_SIZE, 3)
+    assert crops.dtype == np.float32 and 0.0 <= crops.min() and crops.max() <= 1.0
+    absent = labels["present"] == 0
+    assert 0 < absent.sum() < 64
+    for head, n in (("color", len(shapes.COLORS)), ("shape", len(shapes.SHAPES)),
+                    ("texture", len(shapes.TEXTURES))):
+        assert (labels[head][absent] == -1).all()
+        assert ((0 <= labels[head][~absent]) & (labels[head][~absent] < n)).all()
