@@ -35,6 +35,12 @@ their scores next to the GOAL paper's::
 
     python scripts/evaluate.py compbench summarize eval/compbench
 
+Shapes world: the oracle (goal_jax.evaluation.oracle; pixels only, no CLIP) scores a folder
+written by ``scripts/sample.py`` -- per box presence, colour, shape, texture and IoU, per image
+the category's verdict (colour / shape / texture binding, spatial, counting, complex)::
+
+    python scripts/evaluate.py oracle --samples samples/ --output_dir eval/oracle
+
 Each run writes ``results.md`` and ``results.json`` (settings, checkpoint, metrics) to
 ``--output_dir``. Layout planning flags are those of ``scripts/plan.py`` (``--planner``...).
 """
@@ -111,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow complex_val with other than 10 images per prompt or --limit "
                          "(3-in-1 cannot score it then)")
     _add_common(cb)
+    add_oracle_parser(sub)
     return p
 
 
@@ -175,6 +182,41 @@ def score_predictions(args, parser) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# oracle: the shapes-world oracle on a scripts/sample.py folder (self-contained).
+# ----------------------------------------------------------------------------------------------
+
+
+def add_oracle_parser(sub) -> None:
+    o = sub.add_parser("oracle", help="shapes world: score a scripts/sample.py folder with the "
+                       "pixel oracle (no CLIP)")
+    o.add_argument("--samples", required=True, help="folder written by scripts/sample.py")
+    o.add_argument("--output_dir", default=None,
+                   help="where results.json / results.md go (default: --samples)")
+    o.add_argument("--oracle", default=None,
+                   help="oracle folder (default: assets/shapes_world/oracle)")
+
+
+def run_oracle(args) -> int:
+    """Scores ``args.samples`` with the shapes-world oracle; writes results.json (per item,
+    per box, per-category means) and results.md to ``args.output_dir``; returns 0, or 2 with
+    an error naming the folder / file."""
+    from goal_jax.evaluation import oracle as oracle_lib
+
+    start = time.time()
+    try:
+        oracle = oracle_lib.Oracle.load(args.oracle)
+        scored = oracle_lib.score_folder(args.samples, oracle)
+    except (ValueError, FileNotFoundError) as e:  # OracleError names the item / file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md, js = oracle_lib.write_results(args.output_dir or args.samples, scored)
+    with open(md, encoding="utf-8") as f:
+        print(f.read())
+    print(f"wrote {md} and {js} ({time.time() - start:.1f} s)")
+    return 0
+
+
 def load_generator(args):
     """--pretrained (+ --checkpoint) -> (SamplerGenerator, settings dict)."""
     import jax
@@ -224,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return summarize_compbench(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.benchmark == "oracle":
+        return run_oracle(args)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     if args.benchmark == "nsr" and args.predictions is not None:

@@ -11,4 +11,6 @@
 * :mod:`nsr` -- NSR-1K (LayoutGPT's counting and spatial prompts).
 * :mod:`compbench` -- T2I-CompBench prompt files -> samples/ their scorers read.
 * :mod:`report` -- results table (markdown + json) per run.
+* :mod:`oracle` (+ :mod:`oracle_model`) -- the shapes-world oracle: presence, colour, shape,
+  texture and IoU per box from pixels (no CLIP), category verdicts per image.
 """
