@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                   norm_groups=16))
     c.vae = _stage(steps=1200, batch_size=16, learning_rate=1e-3, kl_weight=1e-6,
                    scale_items=2048)
-    c.clip = _stage(steps=2000, batch_size=128, learning_rate=1e-3, text_tokens=24)
+    c.clip = _stage(steps=1200, batch_size=128, learning_rate=1e-3, text_tokens=24)
     c.ldm = _stage(steps=2000, batch_size=32, learning_rate=1e-3, ema_decay=0.998,
                    caption_dropout=0.1)
     c.gligen = _stage(steps=1000, batch_size=32, learning_rate=1e-3, ema_decay=0.998,
