@@ -11,8 +11,9 @@ nothing of model size is allocated) and ``jit(...).trace(...).lower().compile()`
 XLA:TPU program. Per compiled program this records, per TPU core (the SPMD-partitioned module):
 arguments, outputs, aliased (donated) and temporary bytes from ``memory_analysis()``, the peak
 ``arguments + outputs - aliased + temporaries``, FLOPs and the cost model's time per step
-(``cost_analysis()["optimal_seconds"]``; a Pallas kernel counts with the estimate its
-``pallas_call`` declares), the count of Pallas (Mosaic) custom calls in the compiled HLO, the
+(``cost_analysis()["optimal_seconds"]``, recorded as XLA gives it: for the small train step
+with the fused attention libtpu 0.0.42 returned a negative value, so it is not a usable time
+for programs with Pallas calls), the count of Pallas (Mosaic) custom calls in the compiled HLO, the
 compile time on this host, and whether the peak fits the core's budget (HBM x 15/16: 7.5 GiB
 of a v2 core's 8, 15 of v3 / v5e's 16, 30 of v6e's 32).
 
@@ -382,6 +383,12 @@ def _g(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def _seconds(s: float) -> str:
+    """The cost model's time; XLA:TPU has returned negative values for programs with Pallas
+    (Mosaic) custom calls, which are shown as such, not as a time."""
+    return f"{s:.3g}" if s > 0 else f"invalid ({s:.3g})"
+
+
 def results_section(records: list[dict], pending: list[str], size_name: str) -> str:
     """The TPU block of RESULTS.md: one row per compiled program (latest record per job), then
     the jobs not compiled yet with the command that compiles them."""
@@ -399,7 +406,8 @@ def results_section(records: list[dict], pending: list[str], size_name: str) -> 
         "`.venv-tpu/bin/python -m benchmarks.tpu_aot`; see that module's docstring). GiB per "
         "TPU core from XLA:TPU's buffer assignment: arguments (params / frozen weights / AdamW "
         "state / batch shards), temporaries, peak = arguments + outputs − donated + "
-        "temporaries. TFLOP and the cost model's time (`optimal_seconds`) per core per call "
+        "temporaries. TFLOP and the cost model's time (`optimal_seconds`; shown as invalid when "
+        "XLA returns a negative value, as it did for programs with Pallas calls) per core per call "
         "(train: one step; sample: one whole 50-step CFG sampling of the per-core batch + "
         "decode). Budget = 15/16 of the core's HBM. Pallas = fused-attention custom calls in "
         "the compiled HLO. Compile s on a shared 2-core x86 host (niced).",
@@ -416,7 +424,8 @@ def results_section(records: list[dict], pending: list[str], size_name: str) -> 
             f"{r['per_core']} | {r['batch']} | {_g(r['argument_bytes'])} | {_g(r['temp_bytes'])} "
             f"| {_g(r['peak_bytes'])} | {_g(r['budget_bytes'])} | "
             f"{'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e12:.2f} | "
-            f"{r['optimal_seconds']:.3g} | {r['pallas_custom_calls']} | {r['compile_s']:.0f} |")
+            f"{_seconds(r['optimal_seconds'])} | {r['pallas_custom_calls']} | "
+            f"{r['compile_s']:.0f} |")
     if not rows:
         lines.append("| (none compiled yet) | | | | | | | | | | | | | | |")
     lines.append("")
