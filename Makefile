@@ -4,7 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install clean demo
+# A second venv with libtpu (the version jax[tpu]==$(JAX_TPU_VERSION) pins) for compiling
+# programs for TPU topologies without a TPU (benchmarks/tpu_aot.py, tests/test_tpu_aot.py).
+# It is separate so that JAX in $(VENV) keeps choosing the CPU backend.
+JAX_TPU_VERSION ?= 0.10.2
+TPU_VENV ?= .venv-tpu
+TPU_PY := $(TPU_VENV)/bin/python
+TPU_STAMP := $(TPU_VENV)/.installed
+
+.PHONY: test install clean demo tpu-venv tpu-aot
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +24,23 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(TPU_STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile tests
+
+
+$(TPU_PY):
+	$(PYTHON) -m venv $(TPU_VENV)
+
+$(TPU_STAMP): pyproject.toml | $(TPU_PY)
+	$(TPU_PY) -m pip install --upgrade pip
+	$(TPU_PY) -m pip install 'jax[tpu]==$(JAX_TPU_VERSION)' -e .
+	touch $(TPU_STAMP)
+
+tpu-venv: $(TPU_STAMP)
+
+# The full TPU compile table (hours of CPU; resumable, see benchmarks/RESULTS.md).
+tpu-aot: $(TPU_STAMP)
+	$(TPU_PY) -m benchmarks.tpu_aot --jsonl benchmarks/tpu_aot.jsonl --results benchmarks/RESULTS.md
 
 # The demo: tiny random models + the synthetic shapes dataset, trained on the CPU in a few
 # minutes (checkpoints, TensorBoard and metrics.jsonl in runs/demo), then a few layouts sampled
@@ -30,4 +53,4 @@ demo: $(STAMP)
 	  --steps 10 --cfg 3.0 --output_dir $(DEMO_DIR)/samples
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TPU_VENV) .pytest_cache

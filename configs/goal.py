@@ -31,6 +31,10 @@ Ablations (the paper's tables; applied on top of the base):
 (The 8/16/32/64 resolutions are SD-1.4's latent grid at 512x512; for the demo models, whose
 latents are 16x16, only mid8 and up16 exist, and validate_config says so.)
 
+Per TPU kind, ``TPU_SETTINGS`` / :func:`tpu_settings` give the paper run's settings that fit one
+core (batch per core, parameter sharding, frozen weights in bf16), from XLA:TPU's own compiles
+(benchmarks/tpu_aot.py, benchmarks/RESULTS.md); notebooks/train_goal.ipynb applies them.
+
 Every field can be overridden on the command line (``--config.train.steps=100``); fields that do
 not exist are refused (:func:`check_override_keys`) and :func:`validate_config` checks values
 before anything is loaded or compiled.
@@ -94,6 +98,35 @@ ABLATIONS = {
     "maalign_up32": "MAAlign on the decoder 32x32 maps",
     "maalign_up16": "MAAlign on the decoder 16x16 maps (the paper's choice)",
 }
+# The paper run per TPU kind: settings that fit one core's HBM per XLA:TPU's own buffer
+# assignment (benchmarks/RESULTS.md "XLA:TPU compiles", benchmarks/tpu_aot.py), with
+# train.dtype = "bfloat16" and train.remat = True. Keys: (jax device_kind, device count).
+# "evidence" says which compile the row rests on.
+TPU_SETTINGS = {
+    ("TPU v2", 8): dict(kind="v2-8", per_device_batch_size=1, params="fsdp",
+                        frozen_dtype="bfloat16", evidence="compiled: FSDP, 1 image per core, "
+                        "peak 5.60 of 8 GiB per core (einsum attention, float32 frozen)"),
+    ("TPU v3", 8): dict(kind="v3-8", per_device_batch_size=1, params="fsdp",
+                        frozen_dtype="bfloat16", evidence="not compiled: the v2-8 program on "
+                        "16 GiB cores"),
+    ("TPU v5 lite", 1): dict(kind="v5e-1", per_device_batch_size=1, params="replicated",
+                             frozen_dtype="bfloat16", evidence="compiled: batch 1, peak 11.24 "
+                             "of 16 GiB (einsum attention, float32 frozen)"),
+    ("TPU v5 lite", 8): dict(kind="v5e-8", per_device_batch_size=1, params="fsdp",
+                             frozen_dtype="bfloat16", evidence="not compiled: the v2-8 program "
+                             "on 16 GiB chips"),
+    ("TPU v6 lite", 1): dict(kind="v6e-1", per_device_batch_size=1, params="replicated",
+                             frozen_dtype="bfloat16", evidence="not compiled: the v5e-1 "
+                             "program on a 32 GiB chip"),
+}
+
+
+def tpu_settings(device_kind: str, num_devices: int) -> dict | None:
+    """The TPU_SETTINGS row of a runtime (``jax.devices()[0].device_kind``, device count), or
+    None for any other runtime (CPU, GPU, a TPU kind not in the table)."""
+    return TPU_SETTINGS.get((device_kind, num_devices))
+
+
 PAPER_PIPELINE = "masterful/gligen-1-4-generation-text-box"
 PAPER_CLIP = "openai/clip-vit-large-patch14"
 

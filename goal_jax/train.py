@@ -49,6 +49,11 @@ Config fields read here (``default_train_config()``; configs/goal.py builds on i
                           error (:func:`check_phrase_tokens`, checked like encoded_box_slots).
   dtype                   "float32" | "bfloat16": compute dtype of all models.
   remat                   bool, gradient checkpointing of U-Net, VAE decoder and CLIP blocks.
+  frozen_dtype            "float32" | "bfloat16": storage dtype of the frozen parameters
+                          (cast once by :func:`create_train_state`; trainable parameters and
+                          AdamW state stay float32). With dtype="bfloat16" the modules cast
+                          weights to bf16 anyway, so bf16 storage computes the same and halves
+                          the frozen weights' memory.
   trainable_patterns      tuple of regexes (re.search) on U-Net parameter paths joined with
                           "/" (e.g. "up_blocks_1/attentions_0/transformer_blocks_0/attn2/to_q/
                           kernel"); default the paper's fusers + attn1 + attn2.
@@ -70,6 +75,7 @@ Config fields read here (``default_train_config()``; configs/goal.py builds on i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -112,6 +118,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.encoded_phrase_tokens = 0
     c.dtype = "float32"
     c.remat = False
+    c.frozen_dtype = "float32"
     c.trainable_patterns = PAPER_TRAINABLE
     c.train_position_net = False
     c.optimizer = ml_collections.ConfigDict(dict(
@@ -300,9 +307,29 @@ def create_train_state(params: Mapping, config, optimizer: optax.GradientTransfo
     trainable, frozen_unet = partition_params(params["unet"], trainable_patterns(config))
     frozen = {"unet": frozen_unet, "vae": params["vae"],
               "text_encoder": params["text_encoder"], "clip": params["clip"]}
+    frozen = cast_frozen(frozen, config.get("frozen_dtype", "float32"))
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=optimizer.init(trainable), rng=rng)
+
+
+def cast_frozen(frozen: Mapping, dtype_name: str) -> Any:
+    """The floating leaves of ``frozen`` in ``dtype_name`` ("float32" or "bfloat16"; arrays or
+    ShapeDtypeStructs); leaves already of that dtype are returned as they are (no copy)."""
+    names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if dtype_name not in names:
+        raise ValueError(f"config.frozen_dtype must be one of {sorted(names)}, got "
+                         f"{dtype_name!r}")
+    dtype = names[dtype_name]
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return jnp.asarray(x, dtype)
+
+    return jax.tree_util.tree_map(cast, frozen)
 
 
 # ==============================================================================================
@@ -566,7 +593,9 @@ def make_train_step(models: GoalModels, config, optimizer: optax.GradientTransfo
                                     encoded_phrase_tokens(config, phrase_ids.shape[-1]),
                                     phrase_eos_token_ids(models))
         frozen = state.frozen
-        new_state, metrics = jitted(state.replace(frozen=None), frozen, dict(batch))
+        # The mesh context lets the fused (Pallas) attention kernels run under shard_map.
+        with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+            new_state, metrics = jitted(state.replace(frozen=None), frozen, dict(batch))
         return new_state.replace(frozen=frozen), metrics
 
     step.jitted = jitted

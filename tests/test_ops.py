@@ -1,6 +1,9 @@
 """goal_jax.models.ops: the attention and convolution kernels equal their textbook definitions
 (jax.nn.dot_product_attention / lax.conv_general_dilated) in values and gradients, on every
-branch (small-map patches, patch embedding, fallback) and for the error cases."""
+branch (small-map patches, patch embedding, fallback) and for the error cases; the fused Pallas
+TPU flash attention (run on the CPU in Pallas' TPU interpret mode) equals the einsum kernel in
+values and gradients, with and without token padding; the ``attention`` switch resolves per
+platform and keeps the einsum kernel for the layers that sow attention maps."""
 
 import flax.linen as nn
 import jax
@@ -66,6 +69,99 @@ def test_attention_errors():
     q, k = jnp.zeros((1, 3, 1, 4)), jnp.zeros((1, 5, 1, 4))
     with pytest.raises(ValueError, match="causal needs T == S, got 3 and 5"):
         ops.dot_product_attention(q, k, k, causal=True)
+
+
+# (T, S, causal): padded queries and keys (segment ids mask the 51 padded keys), no padding,
+# causal self-attention padded 77 -> 128 (the CLIP text encoder's shape).
+PALLAS_CASES = [(130, 77, False), (128, 128, False), (77, 77, True)]
+
+
+@pytest.mark.parametrize("t,s,causal", PALLAS_CASES)
+def test_pallas_flash_attention_matches_einsum_in_interpret_mode(t, s, causal):
+    from jax.experimental.pallas import tpu as pltpu
+
+    rng = np.random.default_rng(4)
+    q, k, v = _rand(rng, 1, t, 2, 8), _rand(rng, 1, s, 2, 8), _rand(rng, 1, s, 2, 8)
+    w = _rand(rng, 1, t, 2, 8)  # a random cotangent
+    scale = 0.4
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a) * w)
+
+    def einsum(q, k, v):
+        return ops.attention(q, k, v, scale=scale, causal=causal, implementation="einsum")
+
+    def pallas(q, k, v):
+        return ops.attention(q, k, v, scale=scale, causal=causal, implementation="pallas")
+
+    ref = einsum(q, k, v)
+    g_ref = jax.grad(loss(einsum), argnums=(0, 1, 2))(q, k, v)
+    with pltpu.force_tpu_interpret_mode():
+        out = pallas(q, k, v)
+        g_out = jax.grad(loss(pallas), argnums=(0, 1, 2))(q, k, v)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+    for name, a, r in zip("qkv", g_out, g_ref):
+        bound = 2e-5 * max(1.0, float(jnp.max(jnp.abs(r))))
+        assert float(jnp.max(jnp.abs(a - r))) <= bound, name
+
+
+def test_resolve_attention_per_platform():
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert ops.resolve_attention("auto", f32, 40, platform="tpu") == "pallas"
+    assert ops.resolve_attention("auto", bf16, 160, platform="tpu") == "pallas"
+    assert ops.resolve_attention("auto", bf16, 64, platform="gpu") == "cudnn"
+    assert ops.resolve_attention("auto", f32, 64, platform="gpu") == "einsum"  # cuDNN: half only
+    assert ops.resolve_attention("auto", bf16, 160, platform="gpu") == "einsum"  # D > 128
+    assert ops.resolve_attention("auto", bf16, 40, platform="cpu") == "einsum"
+    assert ops.resolve_attention("einsum", platform="tpu") == "einsum"
+    assert ops.resolve_attention("auto") == "einsum"  # the tests' backend is the CPU
+    with ops.target_platform("tpu"):
+        assert ops.resolve_attention("auto") == "pallas"
+    assert ops.resolve_attention("auto") == "einsum"
+    with pytest.raises(ValueError, match="attention implementation must be one of"):
+        ops.resolve_attention("flash")
+    with pytest.raises(ValueError, match="unknown platform 'ipu'"):
+        with ops.target_platform("ipu"):
+            pass
+
+
+def test_attention_auto_on_cpu_is_the_einsum_kernel():
+    rng = np.random.default_rng(5)
+    q, k = _rand(rng, 2, 9, 2, 4), _rand(rng, 2, 5, 2, 4)
+    np.testing.assert_array_equal(ops.attention(q, k, k), ops.dot_product_attention(q, k, k))
+    with pytest.raises(ValueError, match=r"expected \[B, T, H, D\] inputs"):
+        ops.attention(q[0], k, k)
+    with pytest.raises(ValueError, match="causal needs T == S, got 9 and 5"):
+        ops.pallas_tpu_attention(q, k, k, causal=True)
+
+
+def test_maalign_layers_keep_einsum_under_any_attention_switch():
+    """A layer that sows its probabilities computes them with the einsum kernel even when the
+    switch asks for the fused kernel (which cannot expose them); no Pallas call is traced."""
+    from goal_jax.models.attention import Attention
+
+    rng = np.random.default_rng(6)
+    x, ctx = _rand(rng, 1, 6, 8), _rand(rng, 1, 3, 8)
+    layer = Attention(heads=2, dim_head=4, out_dim=8, record_probs=True, attention="pallas")
+    params = layer.init(jax.random.PRNGKey(0), x, ctx)
+    out, state = layer.apply(params, x, ctx, mutable=["intermediates"])
+    probs = state["intermediates"]["attention_probs"][0]
+    assert probs.shape == (1, 2, 6, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+    plain = Attention(heads=2, dim_head=4, out_dim=8, attention="einsum")
+    np.testing.assert_allclose(out, plain.apply(params, x, ctx), atol=1e-6, rtol=0)
+    assert "pallas_call" not in str(jax.make_jaxpr(
+        lambda x: layer.apply(params, x, ctx, mutable=["intermediates"]))(x))
+
+
+def test_unet_rejects_unknown_attention():
+    from benchmarks import models as bm
+    from goal_jax.models import unet as unet_lib
+
+    config = unet_lib.UNet2DConditionConfig.from_dict(bm.SIZES["tiny"].unet, source="tiny")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        unet_lib.UNet2DConditionModel(config=config, attention="flash")
 
 
 # (input B,H,W,Cin; kernel; stride; padding; expected branch)

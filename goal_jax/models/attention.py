@@ -47,9 +47,12 @@ class Attention(nn.Module):
       out_dim: output width (= query width).
       upcast: compute the attention in float32 (diffusers' ``upcast_attention``).
       record_probs: materialise ``softmax(QK^T / sqrt(d))`` in float32 and sow it as
-        ``intermediates/attention_probs`` with shape [B, heads, T, S]; otherwise use
-        :func:`goal_jax.models.ops.dot_product_attention` and sow nothing.
+        ``intermediates/attention_probs`` with shape [B, heads, T, S] (einsum, whatever
+        ``attention`` says); otherwise use :func:`goal_jax.models.ops.attention` and sow nothing.
       dtype: compute dtype.
+      attention: kernel of the layers that sow nothing: "auto" (fused Pallas flash attention on
+        TPU, cuDNN on GPU, einsum on CPU), "einsum", "pallas" or "cudnn"
+        (:func:`goal_jax.models.ops.resolve_attention`).
     """
 
     heads: int
@@ -58,6 +61,7 @@ class Attention(nn.Module):
     upcast: bool = False
     record_probs: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -79,7 +83,7 @@ class Attention(nn.Module):
         else:
             if self.upcast:
                 q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-            out = ops.dot_product_attention(q, k, v, scale=scale)
+            out = ops.attention(q, k, v, scale=scale, implementation=self.attention)
         out = out.reshape(batch, tokens, inner).astype(self.dtype)
         return _dense(self.out_dim, self.dtype, "to_out_0")(out)
 
@@ -126,6 +130,7 @@ class GatedSelfAttentionDense(nn.Module):
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # kernel of the gated self-attention (see Attention)
 
     @nn.compact
     def __call__(self, x, objs, gligen_scale):
@@ -136,7 +141,8 @@ class GatedSelfAttentionDense(nn.Module):
         n_visual = x.shape[1]
         objs = _dense(self.dim, self.dtype, "linear")(objs.astype(self.dtype))
         h = layer_norm(jnp.concatenate([x, objs], axis=1), "norm1")
-        h = Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype, name="attn")(
+        h = Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype,
+                      attention=self.attention, name="attn")(
             h[:, :n_visual], context=h)
         gate = (scale * jnp.tanh(alpha_attn)).astype(self.dtype)
         x = x + gate * h
@@ -153,6 +159,7 @@ class BasicTransformerBlock(nn.Module):
       gated: has the GLIGEN ``fuser`` (attention_type "gated").
       upcast: float32 attention (``upcast_attention``).
       record_probs: sow the cross-attention (attn2) probabilities.
+      attention: kernel of the attentions that sow nothing (see Attention).
     """
 
     dim: int
@@ -162,6 +169,7 @@ class BasicTransformerBlock(nn.Module):
     upcast: bool = False
     record_probs: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context, objs=None, gligen_scale=1.0):
@@ -169,11 +177,12 @@ class BasicTransformerBlock(nn.Module):
         (fuser skipped). Returns [B, T, dim]."""
         attn = lambda name, record=False: Attention(  # noqa: E731
             self.heads, self.dim_head, self.dim, upcast=self.upcast, record_probs=record,
-            dtype=self.dtype, name=name)
+            dtype=self.dtype, attention=self.attention, name=name)
         x = x + attn("attn1")(layer_norm(x, "norm1"))
         if self.gated and objs is not None:
             x = GatedSelfAttentionDense(self.dim, self.heads, self.dim_head, dtype=self.dtype,
-                                        name="fuser")(x, objs, gligen_scale)
+                                        attention=self.attention, name="fuser")(
+                                            x, objs, gligen_scale)
         x = x + attn("attn2", self.record_probs)(layer_norm(x, "norm2"), context)
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(x, "norm3"))
         return x
@@ -191,6 +200,7 @@ class Transformer2DModel(nn.Module):
       groups: GroupNorm groups.
       record_blocks: per-block flags: sow the attn2 probabilities of that block.
       remat: wrap each BasicTransformerBlock in ``nn.remat``.
+      attention: kernel of the attentions that sow nothing (see Attention).
     """
 
     channels: int
@@ -203,6 +213,7 @@ class Transformer2DModel(nn.Module):
     record_blocks: tuple[bool, ...] = ()
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context, objs=None, gligen_scale=1.0):
@@ -222,7 +233,8 @@ class Transformer2DModel(nn.Module):
         for i in range(self.num_layers):
             h = block_cls(self.channels, self.heads, self.channels // self.heads,
                           gated=self.gated, upcast=self.upcast, record_probs=record[i],
-                          dtype=self.dtype, name=f"transformer_blocks_{i}")(
+                          dtype=self.dtype, attention=self.attention,
+                          name=f"transformer_blocks_{i}")(
                               h, context, objs, gligen_scale)
         if self.use_linear_projection:
             h = _dense(channels, self.dtype, "proj_out")(h)

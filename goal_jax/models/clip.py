@@ -293,12 +293,14 @@ def _dense(features, dtype, name, use_bias=True):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention; q/k/v/out projections with bias; scale head_dim**-0.5."""
+    """Multi-head self-attention; q/k/v/out projections with bias; scale head_dim**-0.5.
+    ``attention``: the kernel, see :func:`goal_jax.models.ops.resolve_attention`."""
 
     hidden_size: int
     num_heads: int
     causal: bool
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -309,7 +311,7 @@ class CLIPAttention(nn.Module):
         q = split(_dense(self.hidden_size, self.dtype, "q_proj")(x))
         k = split(_dense(self.hidden_size, self.dtype, "k_proj")(x))
         v = split(_dense(self.hidden_size, self.dtype, "v_proj")(x))
-        out = ops.dot_product_attention(q, k, v, causal=self.causal)
+        out = ops.attention(q, k, v, causal=self.causal, implementation=self.attention)
         return _dense(self.hidden_size, self.dtype, "out_proj")(out.reshape(b, t, -1))
 
 
@@ -332,6 +334,7 @@ class CLIPEncoderLayer(nn.Module):
     config: Any  # CLIPTextConfig or CLIPVisionConfig
     causal: bool
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -340,7 +343,7 @@ class CLIPEncoderLayer(nn.Module):
             epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name=name
         )
         x = x + CLIPAttention(c.hidden_size, c.num_attention_heads, self.causal, self.dtype,
-                              name="self_attn")(ln("layer_norm1")(x))
+                              self.attention, name="self_attn")(ln("layer_norm1")(x))
         x = x + CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act, self.dtype,
                         name="mlp")(ln("layer_norm2")(x))
         return x
@@ -354,12 +357,14 @@ class CLIPEncoder(nn.Module):
     causal: bool
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         layer = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = layer(self.config, self.causal, self.dtype, name=f"layers_{i}")(x)
+            x = layer(self.config, self.causal, self.dtype, self.attention,
+                      name=f"layers_{i}")(x)
         return x
 
 
@@ -404,6 +409,7 @@ class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids):
@@ -418,7 +424,8 @@ class CLIPTextTransformer(nn.Module):
                 f"max_position_embeddings {c.max_position_embeddings}"
             )
         x = CLIPTextEmbeddings(c, self.dtype, name="embeddings")(input_ids)
-        x = CLIPEncoder(c, causal=True, dtype=self.dtype, remat=self.remat, name="encoder")(x)
+        x = CLIPEncoder(c, causal=True, dtype=self.dtype, remat=self.remat,
+                        attention=self.attention, name="encoder")(x)
         x = _layer_norm(c.layer_norm_eps, self.dtype, "final_layer_norm")(x)
         pooled = x[jnp.arange(x.shape[0]), eos_positions(input_ids, c.eos_token_id)]
         return x, pooled
@@ -456,6 +463,7 @@ class CLIPVisionTransformer(nn.Module):
     config: CLIPVisionConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, pixels):
@@ -470,7 +478,8 @@ class CLIPVisionTransformer(nn.Module):
             )
         x = CLIPVisionEmbeddings(c, self.dtype, name="embeddings")(pixels)
         x = _layer_norm(c.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
-        x = CLIPEncoder(c, causal=False, dtype=self.dtype, remat=self.remat, name="encoder")(x)
+        x = CLIPEncoder(c, causal=False, dtype=self.dtype, remat=self.remat,
+                        attention=self.attention, name="encoder")(x)
         return _layer_norm(c.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
 
 
@@ -485,9 +494,11 @@ class CLIPTextModel(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     remat: bool = False  # recompute encoder-layer activations in the backward pass
+    attention: str = "auto"  # attention kernel (goal_jax.models.ops.resolve_attention)
 
     def setup(self):
-        self.text_model = CLIPTextTransformer(self.config, self.dtype, self.remat)
+        self.text_model = CLIPTextTransformer(self.config, self.dtype, self.remat,
+                                              self.attention)
 
     def encode_text(self, input_ids) -> CLIPTextOutput:
         """input_ids int [B, T] -> CLIPTextOutput(last_hidden_state [B,T,D], pooled [B,D], None)."""
@@ -507,11 +518,14 @@ class CLIPModel(nn.Module):
     config: CLIPConfig
     dtype: Any = jnp.float32
     remat: bool = False  # recompute encoder-layer activations in the backward pass
+    attention: str = "auto"  # attention kernel (goal_jax.models.ops.resolve_attention)
 
     def setup(self):
         c = self.config
-        self.text_model = CLIPTextTransformer(c.text_config, self.dtype, self.remat)
-        self.vision_model = CLIPVisionTransformer(c.vision_config, self.dtype, self.remat)
+        self.text_model = CLIPTextTransformer(c.text_config, self.dtype, self.remat,
+                                              self.attention)
+        self.vision_model = CLIPVisionTransformer(c.vision_config, self.dtype, self.remat,
+                                                  self.attention)
         self.text_projection = _dense(c.projection_dim, self.dtype, None, use_bias=False)
         self.visual_projection = _dense(c.projection_dim, self.dtype, None, use_bias=False)
         self.logit_scale = self.param(

@@ -1,5 +1,26 @@
-"""Two compute kernels shared by the models: multi-head attention and a convolution that avoids
-XLA:CPU's slow path for tiny feature maps.
+"""Compute kernels shared by the models: multi-head attention (an einsum kernel plus the fused
+accelerator kernels behind one switch) and a convolution that avoids XLA:CPU's slow path for tiny
+feature maps.
+
+Attention implementations (:func:`attention`, chosen by the models' ``attention`` attribute):
+
+* ``"einsum"``: :func:`dot_product_attention` below (materialises the [B, H, T, S] logits);
+  the only kernel that can expose the attention probabilities (MAAlign's layers always use it);
+* ``"pallas"``: the Pallas TPU flash attention (``jax.experimental.pallas.ops.tpu``), which
+  never materialises the logits (forward and backward are tiled over 128-token blocks); tokens
+  are padded to a multiple of 128 and padded keys are masked out by segment ids;
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bf16/fp16);
+* ``"auto"``: ``"pallas"`` on TPU, ``"cudnn"`` on GPU when the inputs are bf16/fp16 and the
+  head width is a multiple of 8 up to 128 (else ``"einsum"``), ``"einsum"`` on CPU. The platform
+  is ``jax.default_backend()`` unless a :func:`target_platform` block says otherwise (compiling
+  for a TPU topology from a host without one).
+
+A Mosaic (Pallas TPU) kernel cannot be partitioned by XLA's SPMD partitioner, so on a mesh of
+several devices the kernel runs under ``jax.shard_map`` with the batch axis split over all mesh
+axes (the mesh of the enclosing ``jax.set_mesh`` / ``jax.sharding.use_abstract_mesh`` block, as
+``goal_jax.train.make_train_step`` sets it). Without such a block on several devices, or with a
+batch the device count does not divide, ``"auto"`` uses the einsum kernel instead (explicit
+``"pallas"`` raises).
 
 Both compute exactly what their textbook definitions (and the diffusers / transformers modules)
 compute; they differ from ``jax.nn.dot_product_attention`` / ``lax.conv_general_dilated`` only in
@@ -18,15 +39,137 @@ how the work is laid out for XLA. Measured on a 2-core x86 CPU (jaxlib 0.10.2, f
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import functools
+from typing import Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 # Feature maps whose output has at most this many positions per image are convolved as one
 # matrix product over gathered patches (im2col); larger ones go to lax.conv_general_dilated.
 SMALL_MAP_POSITIONS = 16
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "pallas", "cudnn")
+# Token block of the Pallas TPU flash attention (its default block sizes; sequences are padded
+# to a multiple of it).
+PALLAS_BLOCK = 128
+_TARGET_PLATFORM: list[Optional[str]] = [None]
+
+
+@contextlib.contextmanager
+def target_platform(platform: Optional[str]) -> Iterator[None]:
+    """Within the block, ``attention="auto"`` resolves for ``platform`` ("tpu", "gpu", "cpu")
+    instead of ``jax.default_backend()`` (tracing for an ahead-of-time TPU compile on a host
+    whose default backend is the CPU)."""
+    if platform not in (None, "tpu", "gpu", "cuda", "rocm", "cpu"):
+        raise ValueError(f"target_platform: unknown platform {platform!r} "
+                         "(expected 'tpu', 'gpu' or 'cpu')")
+    previous = _TARGET_PLATFORM[0]
+    _TARGET_PLATFORM[0] = platform
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM[0] = previous
+
+
+def resolve_attention(implementation: str, dtype=jnp.float32, head_dim: int = 64,
+                      platform: Optional[str] = None) -> str:
+    """The concrete kernel ("einsum", "pallas" or "cudnn") for ``implementation``.
+
+    ``"auto"`` picks by platform (``platform`` argument, else the :func:`target_platform` block,
+    else ``jax.default_backend()``): TPU -> "pallas"; GPU -> "cudnn" for bf16/fp16 inputs with
+    ``head_dim`` a multiple of 8 and at most 128, else "einsum"; CPU -> "einsum".
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation != "auto":
+        return implementation
+    platform = platform or _TARGET_PLATFORM[0] or jax.default_backend()
+    if platform == "tpu":
+        return "pallas"
+    if platform in ("gpu", "cuda", "rocm"):
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "einsum"
+    return "einsum"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[float] = None,
+              causal: bool = False, implementation: str = "auto") -> jax.Array:
+    """Multi-head attention through the kernel ``implementation`` (see the module docstring).
+
+    q [B, T, H, D], k and v [B, S, H, D] -> [B, T, H, D] in ``q.dtype``; same result as
+    :func:`dot_product_attention` up to float rounding.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention: expected [B, T, H, D] inputs, got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    kind = resolve_attention(implementation, q.dtype, q.shape[-1])
+    if kind == "pallas":
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            if jax.device_count() > 1 and implementation == "auto":
+                # A Mosaic kernel cannot be partitioned automatically: without a mesh context
+                # on several devices, "auto" keeps the einsum kernel.
+                return dot_product_attention(q, k, v, scale=scale, causal=causal)
+            return pallas_tpu_attention(q, k, v, scale=scale, causal=causal)
+        if q.shape[0] % mesh.size:
+            if implementation == "auto":
+                return dot_product_attention(q, k, v, scale=scale, causal=causal)
+            raise ValueError(f"attention: the Pallas kernel is split over the batch axis; "
+                             f"batch {q.shape[0]} is not divisible by the {mesh.size} devices "
+                             f"of the mesh {dict(mesh.shape)}")
+        spec = P(tuple(mesh.axis_names))
+        kernel = functools.partial(pallas_tpu_attention, scale=scale, causal=causal)
+        return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)(q, k, v)
+    if kind == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation="cudnn")
+    return dot_product_attention(q, k, v, scale=scale, causal=causal)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                         scale: Optional[float] = None, causal: bool = False,
+                         block: int = PALLAS_BLOCK) -> jax.Array:
+    """The Pallas TPU flash attention on [B, T, H, D] inputs -> [B, T, H, D] in ``q.dtype``.
+
+    T and S are zero-padded to a multiple of ``block``; padded keys get segment id 0 and real
+    keys (and all queries) segment id 1, so no real query attends to padding (with ``causal``
+    and T == S the padded keys lie after every real query and are masked anyway). Padded query
+    rows are dropped. Runs on TPU, or on any backend inside
+    ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (slow; for tests).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"pallas_tpu_attention: causal needs T == S, got {q.shape[1]} and "
+                         f"{k.shape[1]}")
+    b, t, _, d = q.shape
+    s = k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    tp, sp = _round_up(t, block), _round_up(s, block)
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T|S, D]
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+    kh, vh = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (kh, vh))
+    segment_ids = None
+    if sp != s and not causal:
+        segment_ids = fa.SegmentIds(q=jnp.ones((b, tp), jnp.int32),
+                                    kv=(jnp.arange(sp) < s).astype(jnp.int32)[None].repeat(b, 0))
+    blocks = fa.BlockSizes(
+        block_q=block, block_k_major=block, block_k=block, block_b=1,
+        block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
+        block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+    out = fa.flash_attention(qh, kh, vh, segment_ids=segment_ids, causal=causal,
+                             sm_scale=float(scale), block_sizes=blocks)
+    return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from goal_jax.models import ops
 from goal_jax.models.attention import Transformer2DModel, group_norm
 from goal_jax.models.gligen import GLIGENTextBoundingboxProjection
 from goal_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3
@@ -392,6 +393,7 @@ class _UNetBlock(nn.Module):
     config: UNet2DConditionConfig
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     def _resnet(self, in_ch, name):
         cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
@@ -407,7 +409,7 @@ class _UNetBlock(nn.Module):
             use_linear_projection=self.config.use_linear_projection,
             gated=self.config.is_gligen, upcast=self.config.upcast_attention,
             record_blocks=s.record[j] if s.record else (), remat=self.remat,
-            dtype=self.dtype, name=name)
+            dtype=self.dtype, attention=self.attention, name=name)
 
 
 class DownBlock(_UNetBlock):
@@ -473,13 +475,18 @@ class UNet2DConditionModel(nn.Module):
       remat: wrap every resnet and transformer block in ``nn.remat`` (gradient checkpointing).
       attention_maps: module-path prefixes (e.g. ``"up_blocks_1"``,
         ``"up_blocks_1/attentions_0"``) whose cross-attention probabilities are sowed into the
-        ``intermediates`` collection; see :func:`cross_attention_layers`.
+        ``intermediates`` collection; see :func:`cross_attention_layers`. These layers always
+        use the einsum kernel (they need the probabilities).
+      attention: kernel of every other attention (self-, cross- and gated self-attention):
+        "auto" (Pallas flash attention on TPU, cuDNN on GPU, einsum on CPU), "einsum",
+        "pallas" or "cudnn"; see :func:`goal_jax.models.ops.resolve_attention`.
     """
 
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
     attention_maps: tuple[str, ...] = ()
+    attention: str = "auto"
 
     def __post_init__(self):
         maps = self.attention_maps
@@ -489,6 +496,9 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"attention_maps must be module-path prefixes (non-empty strings), "
                              f"got {bad}")
         object.__setattr__(self, "attention_maps", maps)
+        if self.attention not in ops.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"UNet2DConditionModel: attention must be one of "
+                             f"{ops.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         super().__post_init__()
 
     def _specs(self):
@@ -619,10 +629,11 @@ class UNet2DConditionModel(nn.Module):
         x = conv3x3(cfg.block_out_channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
         skips = [x]
         for i, spec in enumerate(down_specs):
-            x, outputs = DownBlock(spec, cfg, self.remat, self.dtype, name=f"down_blocks_{i}")(
+            x, outputs = DownBlock(spec, cfg, self.remat, self.dtype, self.attention,
+                                     name=f"down_blocks_{i}")(
                 x, emb, context, objs, scale)
             skips.extend(outputs)
-        x = MidBlock(mid_spec, cfg, self.remat, self.dtype, name="mid_block")(
+        x = MidBlock(mid_spec, cfg, self.remat, self.dtype, self.attention, name="mid_block")(
             x, emb, context, objs, scale)
         for i, spec in enumerate(up_specs):
             res, skips = skips[-spec.num_layers:], skips[:-spec.num_layers]
@@ -631,7 +642,7 @@ class UNet2DConditionModel(nn.Module):
                 target = tuple(skips[-1].shape[1:3])
                 if target != (2 * x.shape[1], 2 * x.shape[2]):
                     upsample_size = target  # odd sizes: diffusers' forward_upsample_size
-            x = UpBlock(spec, cfg, self.remat, self.dtype, name=f"up_blocks_{i}")(
+            x = UpBlock(spec, cfg, self.remat, self.dtype, self.attention, name=f"up_blocks_{i}")(
                 x, res, emb, context, objs, scale, upsample_size)
         x = group_norm(x, cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out")
         x = conv3x3(cfg.out_channels, self.dtype, "conv_out")(nn.silu(x))

@@ -1,0 +1,514 @@
+"""XLA:TPU's own numbers for goal_jax's programs, compiled ahead of time without a TPU.
+
+    make tpu-venv    # once: .venv-tpu with jax[tpu]==0.10.2 (libtpu 0.0.42.*) + goal_jax
+    .venv-tpu/bin/python -m benchmarks.tpu_aot [--plan targets|all] [--size sd14|small|tiny]
+        [--only CHIP/PROGRAM/VARIANT/PARAMS/BATCH_PER_CORE,...] [--jsonl benchmarks/tpu_aot.jsonl]
+        [--results benchmarks/RESULTS.md | --results none] [--list]
+
+libtpu builds TPU topologies without hardware (``jax.experimental.topologies``); a mesh over
+those devices, parameters / train state / batch as ``ShapeDtypeStruct``s (``jax.eval_shape``,
+nothing of model size is allocated) and ``jit(...).trace(...).lower().compile()`` give the real
+XLA:TPU program. Per compiled program this records, per TPU core (the SPMD-partitioned module):
+arguments, outputs, aliased (donated) and temporary bytes from ``memory_analysis()``, the peak
+``arguments + outputs - aliased + temporaries``, FLOPs and the cost model's time per step
+(``cost_analysis()["optimal_seconds"]``, recorded as XLA gives it: for the small train step
+with the fused attention libtpu 0.0.42 returned a negative value, so it is not a usable time
+for programs with Pallas calls), the count of Pallas (Mosaic) custom calls in the compiled HLO, the
+compile time on this host, and whether the peak fits the core's budget (HBM x 15/16: 7.5 GiB
+of a v2 core's 8, 15 of v3 / v5e's 16, 30 of v6e's 32).
+
+Programs:
+
+* ``train``: :func:`goal_jax.train.make_train_step` with the mesh: the GOAL step (L_LDM +
+  α L_DSA + β L_MAA, AdamW on fusers + attn1 + attn2), the batch split over the cores,
+  parameters and AdamW state replicated or FSDP-sharded (``--params``) as
+  :mod:`goal_jax.sharding` does;
+* ``sample``: :class:`goal_jax.sampling.GroundedSampler`'s program: text encoding, 50 DDIM
+  steps with classifier-free guidance and scheduled sampling (β = 0.3), VAE decode; the batch
+  split over a ("data",) mesh, parameters replicated (as the sampler does).
+
+Train variants (``VARIANTS``): ``fp32``; ``bf16_remat_einsum`` (today's default before the
+fused kernels: bf16 compute, remat, einsum attention everywhere); ``bf16_remat`` (the same with
+``attention="auto"``: Pallas flash attention in every layer but MAAlign's);
+``bf16_remat_trimmed`` (+ ``train.encoded_box_slots=8``, ``train.encoded_phrase_tokens=16``);
+``bf16_remat_frozen_bf16`` (+ ``train.frozen_dtype="bfloat16"``); ``lean`` (trimmed + frozen
+bf16). Sample variants: ``bf16`` (weights and compute bf16, fused attention), ``bf16_einsum``,
+``fp32``.
+
+Every finished compile is appended to the JSONL at once; a rerun skips the (chip, program,
+variant, params, batch) jobs the JSONL already has, so an interrupted run resumes. Each compile
+of the full SD-1.4 train step takes 10-20 minutes of one CPU core; progress with an ETA is
+printed. Run one process at a time, niced (two processes loading libtpu at once need
+``ALLOW_MULTIPLE_LIBTPU_LOAD=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import types
+
+GIB = 2 ** 30
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+JSONL = os.path.join(HERE, "tpu_aot.jsonl")
+RESULTS_KEY = "tpu-aot"
+BUDGET_FRACTION = 15 / 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A Colab / Cloud TPU kind: topology name for ``get_topology_desc``, cores used, HBM per
+    core in GiB."""
+
+    name: str
+    topology: str
+    cores: int
+    hbm_gib: float
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.hbm_gib * BUDGET_FRACTION * GIB)
+
+
+CHIPS = {
+    "v2-8": Chip("v2-8", "v2:2x2", 8, 8.0),
+    "v3-8": Chip("v3-8", "v3:2x2", 8, 16.0),
+    "v5e-1": Chip("v5e-1", "v5e:1x1", 1, 16.0),
+    "v5e-4": Chip("v5e-4", "v5e:2x2", 4, 16.0),
+    "v5e-8": Chip("v5e-8", "v5e:2x4", 8, 16.0),
+    "v6e-1": Chip("v6e-1", "v6e:1x1", 1, 32.0),
+}
+
+# name: (compute dtype, remat, (encoded_box_slots, encoded_phrase_tokens), frozen dtype,
+#        attention)
+VARIANTS = {
+    "fp32": ("float32", False, (0, 0), "float32", "auto"),
+    "bf16_remat_einsum": ("bfloat16", True, (0, 0), "float32", "einsum"),
+    "bf16_remat": ("bfloat16", True, (0, 0), "float32", "auto"),
+    "bf16_remat_trimmed": ("bfloat16", True, (8, 16), "float32", "auto"),
+    "bf16_remat_frozen_bf16": ("bfloat16", True, (0, 0), "bfloat16", "auto"),
+    "lean": ("bfloat16", True, (8, 16), "bfloat16", "auto"),
+}
+# name: (weights + compute dtype, attention)
+SAMPLE_VARIANTS = {
+    "bf16": ("bfloat16", "auto"),
+    "bf16_einsum": ("bfloat16", "einsum"),
+    "fp32": ("float32", "auto"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    chip: str
+    program: str  # "train" | "sample"
+    variant: str
+    params: str  # "replicated" | "fsdp"
+    per_core: int  # images per core
+
+    @property
+    def key(self) -> str:
+        return f"{self.chip}/{self.program}/{self.variant}/{self.params}/{self.per_core}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Job":
+        parts = text.split("/")
+        if len(parts) != 5:
+            raise ValueError(f"job {text!r}: expected CHIP/PROGRAM/VARIANT/PARAMS/PER_CORE")
+        chip, program, variant, params, per_core = parts
+        job = cls(chip, program, variant, params, int(per_core))
+        job.check()
+        return job
+
+    def check(self) -> None:
+        if self.chip not in CHIPS:
+            raise ValueError(f"job {self.key}: unknown chip {self.chip!r} ({sorted(CHIPS)})")
+        table = {"train": VARIANTS, "sample": SAMPLE_VARIANTS}.get(self.program)
+        if table is None:
+            raise ValueError(f"job {self.key}: program must be 'train' or 'sample'")
+        if self.variant not in table:
+            raise ValueError(f"job {self.key}: unknown {self.program} variant {self.variant!r} "
+                             f"({sorted(table)})")
+        if self.params not in ("replicated", "fsdp"):
+            raise ValueError(f"job {self.key}: params must be 'replicated' or 'fsdp'")
+        if self.program == "sample" and self.params != "replicated":
+            raise ValueError(f"job {self.key}: the sampler replicates its parameters")
+        if self.per_core < 1:
+            raise ValueError(f"job {self.key}: images per core must be >= 1")
+
+
+# The issue's measured targets first (v2-8 FSDP at 2 images/core einsum vs fused; v5e-1 at
+# batch 4; the sampler on v5e at batch 1), then the remaining table.
+TARGET_JOBS = (
+    "v2-8/train/bf16_remat_einsum/fsdp/2",
+    "v2-8/train/bf16_remat/fsdp/2",
+    "v5e-1/train/bf16_remat/replicated/4",
+    "v5e-1/sample/bf16/replicated/1",
+)
+MORE_JOBS = (
+    "v5e-1/train/lean/replicated/4",
+    "v2-8/train/lean/fsdp/2",
+    "v5e-1/train/bf16_remat_einsum/replicated/1",
+    "v5e-1/train/bf16_remat/replicated/1",
+    "v5e-1/train/bf16_remat_frozen_bf16/replicated/4",
+    "v5e-1/train/bf16_remat_trimmed/replicated/4",
+    "v5e-1/sample/bf16_einsum/replicated/1",
+    "v2-8/train/bf16_remat_einsum/fsdp/1",
+    "v2-8/train/bf16_remat/fsdp/1",
+    "v2-8/sample/bf16/replicated/1",
+    "v3-8/train/lean/fsdp/2",
+    "v3-8/train/bf16_remat/replicated/2",
+    "v5e-8/train/lean/fsdp/4",
+    "v5e-8/sample/bf16/replicated/1",
+    "v6e-1/train/lean/replicated/8",
+    "v6e-1/sample/bf16/replicated/1",
+    "v5e-1/train/fp32/replicated/1",
+    "v5e-1/sample/fp32/replicated/1",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Topology and programs.
+# ----------------------------------------------------------------------------------------------
+
+
+def topology_devices(chip: Chip) -> list:
+    """The ``chip.cores`` TPU devices of ``chip``'s topology (no hardware needed)."""
+    from jax.experimental import topologies
+
+    kwargs = {}
+    if chip.topology.endswith(":1x1"):  # one chip: one host of one chip
+        kwargs["chips_per_host_bounds"] = (1, 1, 1)
+    topo = topologies.get_topology_desc(topology_name=chip.topology, platform="tpu", **kwargs)
+    devices = list(topo.devices)
+    if len(devices) < chip.cores:
+        raise ValueError(f"{chip.name}: topology {chip.topology} has {len(devices)} devices, "
+                         f"need {chip.cores}")
+    return devices[:chip.cores]
+
+
+def _sds(tree, shardings):
+    import jax
+
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def build_train(size_name: str, variant: str, params_mode: str, devices: list, per_core: int,
+                tokenizer_dir: str):
+    """(jitted step, abstract args) of the GOAL train step on a mesh over ``devices``:
+    FSDP = ('data' 1, 'fsdp' n), replicated = ('data' n, 'fsdp' 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import models as bm
+    from goal_jax import schedule, sharding, text, train
+
+    dtype_name, remat, trim, frozen_dtype, attention = VARIANTS[variant]
+    size = bm.SIZES[size_name]
+    cfg = train.default_train_config()
+    cfg.dtype, cfg.remat = dtype_name, remat
+    cfg.encoded_box_slots, cfg.encoded_phrase_tokens = trim
+    cfg.frozen_dtype = frozen_dtype
+    cfg.maa_resolution = size.maa_resolution
+    n = len(devices)
+    cfg.sharding.params = params_mode
+    mesh = (sharding.create_mesh(1, n, devices) if params_mode == "fsdp"
+            else sharding.create_mesh(n, 1, devices))
+    layers = bm.maa_layers_flax(size)
+    modules = bm.jax_modules(size, tokenizer_dir, dtype=train.compute_dtype(cfg), remat=remat,
+                             attention_maps=layers)
+    modules = {k: (m.clone(attention=attention) if hasattr(m, "attention") else m)
+               for k, m in modules.items()}
+    tok = text.load_tokenizer(tokenizer_dir)
+    models = train.GoalModels(modules["unet"], modules["vae"], modules["text_encoder"],
+                              modules["clip"],
+                              schedule.DDPMSchedule.from_config(bm.scheduler_config()),
+                              jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
+    params = bm.jax_init(modules, abstract=True)
+    opt, lr = train.make_optimizer(cfg)
+    state = jax.eval_shape(lambda p: train.create_train_state(p, cfg, opt,
+                                                              jax.random.PRNGKey(0)), params)
+    step = train.make_train_step(models, cfg, opt, lr, mesh=mesh, example_state=state)
+    full = train.state_shardings(state, mesh, params_mode, cfg.sharding.fsdp_min_size)
+    batch, slots, img = per_core * n, size.max_boxes, size.image
+    f32, i32 = jnp.float32, jnp.int32
+    shapes = {"images": ((batch, img, img, 3), f32), "input_ids": ((batch, 77), i32),
+              "phrase_input_ids": ((batch, slots, 77), i32), "boxes": ((batch, slots, 4), f32),
+              "masks": ((batch, slots), f32), "phrase_token_masks": ((batch, slots, 77), f32)}
+    data = sharding.batch_sharding(mesh)
+    batch_sds = {k: jax.ShapeDtypeStruct(s, d, sharding=data) for k, (s, d) in shapes.items()}
+    donated = _sds(state.replace(frozen=None), full.replace(frozen=None))
+    frozen = _sds(state.frozen, full.frozen)
+    return step.jitted, (donated, frozen, batch_sds), params, mesh
+
+
+def build_sample(size_name: str, variant: str, devices: list, per_core: int,
+                 tokenizer_dir: str, num_steps: int = 50):
+    """(jitted sampler program, abstract args): GroundedSampler's program (text encoding, DDIM
+    ``num_steps`` with CFG and scheduled sampling, VAE decode) on a ("data",) mesh."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from benchmarks import models as bm
+    from goal_jax import sampling, schedule
+
+    dtype_name, attention = SAMPLE_VARIANTS[variant]
+    dtype = jnp.dtype(dtype_name)
+    size = bm.SIZES[size_name]
+    modules = bm.jax_modules(size, tokenizer_dir, dtype=dtype, remat=False)
+    modules = {k: (m.clone(attention=attention) if hasattr(m, "attention") else m)
+               for k, m in modules.items()}
+    mesh = Mesh(np.asarray(devices), ("data",))
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    # The program only reads these fields of the sampler (see GroundedSampler._program).
+    host = types.SimpleNamespace(unet=modules["unet"], vae=modules["vae"],
+                                 text_encoder=modules["text_encoder"], grounded=True,
+                                 _batch_sharding=data)
+    sampler = schedule.make_sampler("ddim", bm.scheduler_config(), num_steps, eta=0.0)
+    program = sampling.GroundedSampler._program(host, sampler, True)
+    abstract = bm.jax_init({k: modules[k] for k in ("unet", "vae", "text_encoder")},
+                           abstract=True)
+    weights = {"unet": abstract["unet"], "vae": abstract["vae"],
+               "text": abstract["text_encoder"]}
+    weights = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                       else x.dtype, sharding=rep), weights)
+    b, slots, lat = per_core * len(devices), sampling.MAX_BOXES, size.latent
+    i32, f32 = jnp.int32, jnp.float32
+    sds = lambda shape, d, s=data: jax.ShapeDtypeStruct(shape, d, sharding=s)  # noqa: E731
+    args = (weights, sds((b, 77), i32), sds((b, 77), i32), sds((b, slots, 77), i32),
+            sds((b, slots, 4), f32), sds((b, slots), f32), sds((b, lat, lat, 4), f32),
+            sds((b, 2), jnp.uint32), sds((), f32, rep), sds((), i32, rep))
+    return jax.jit(program), args, weights, mesh
+
+
+def _bytes(tree) -> int:
+    import jax
+    import numpy as np
+
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(tree)))
+
+
+def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
+    """Traces, lowers and compiles ``job`` for its TPU topology; returns the JSONL record."""
+    import jax
+
+    from goal_jax.models import ops
+
+    chip = CHIPS[job.chip]
+    devices = topology_devices(chip)
+    rec = {"kind": "tpu_aot", "size": size_name, "chip": chip.name, "topology": chip.topology,
+           "cores": chip.cores, "program": job.program, "variant": job.variant,
+           "params": job.params, "per_core": job.per_core,
+           "batch": job.per_core * chip.cores, "device_kind": devices[0].device_kind,
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    try:
+        import importlib.metadata as md
+
+        rec["libtpu"] = md.version("libtpu")
+    except Exception:  # libtpu installed some other way
+        rec["libtpu"] = "unknown"
+    start = time.perf_counter()
+    with ops.target_platform("tpu"):
+        if job.program == "train":
+            jitted, args, params, mesh = build_train(size_name, job.variant, job.params,
+                                                     devices, job.per_core, tokenizer_dir)
+            rec["frozen_bytes_total"] = _bytes(args[1])
+        else:
+            jitted, args, params, mesh = build_sample(size_name, job.variant, devices,
+                                                      job.per_core, tokenizer_dir)
+        rec["param_bytes_total"] = _bytes(params)
+        # The mesh context lets the Pallas kernels run under shard_map (goal_jax.models.ops).
+        with jax.set_mesh(mesh):
+            traced = jitted.trace(*args)
+            lowered = traced.lower()
+    rec["lower_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    rec["compile_s"] = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    for f in ("argument", "output", "alias", "temp", "generated_code"):
+        rec[f"{f}_bytes"] = int(getattr(mem, f"{f}_size_in_bytes"))
+    rec["peak_bytes"] = (rec["argument_bytes"] + rec["output_bytes"] - rec["alias_bytes"]
+                         + rec["temp_bytes"])
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    rec["flops"] = float(cost.get("flops", -1.0))
+    rec["transcendentals"] = float(cost.get("transcendentals", -1.0))
+    rec["bytes_accessed"] = float(cost.get("bytes accessed", -1.0))
+    rec["optimal_seconds"] = float(cost.get("optimal_seconds", -1.0))
+    hlo = compiled.as_text()
+    rec["pallas_custom_calls"] = hlo.count('custom_call_target="tpu_custom_call"')
+    rec["budget_bytes"] = chip.budget_bytes
+    rec["fits"] = rec["peak_bytes"] <= chip.budget_bytes
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and the RESULTS.md section.
+# ----------------------------------------------------------------------------------------------
+
+
+def read_records(path: str) -> list[dict]:
+    if not path or not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+    return out
+
+
+def record_key(rec: dict) -> str:
+    return (f"{rec['chip']}/{rec['program']}/{rec['variant']}/{rec['params']}/"
+            f"{rec['per_core']}")
+
+
+def _g(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def _seconds(s: float) -> str:
+    """The cost model's time; XLA:TPU has returned negative values for programs with Pallas
+    (Mosaic) custom calls, which are shown as such, not as a time."""
+    return f"{s:.3g}" if s > 0 else f"invalid ({s:.3g})"
+
+
+def results_section(records: list[dict], pending: list[str], size_name: str) -> str:
+    """The TPU block of RESULTS.md: one row per compiled program (latest record per job), then
+    the jobs not compiled yet with the command that compiles them."""
+    latest: dict[str, dict] = {}
+    for r in records:
+        if r.get("size") == size_name:
+            latest[record_key(r)] = r
+    rows = list(latest.values())
+    title = ("the paper configuration (`sd14`)" if size_name == "sd14"
+             else f"the `{size_name}` benchmark size (structure of SD-1.4, reduced widths)")
+    lines = [
+        f"### XLA:TPU compiles of {title}, per core",
+        "",
+        "Compiled without a TPU from libtpu's topologies (`make tpu-venv`, then "
+        "`.venv-tpu/bin/python -m benchmarks.tpu_aot`; see that module's docstring). GiB per "
+        "TPU core from XLA:TPU's buffer assignment: arguments (params / frozen weights / AdamW "
+        "state / batch shards), temporaries, peak = arguments + outputs − donated + "
+        "temporaries. TFLOP and the cost model's time (`optimal_seconds`; shown as invalid when "
+        "XLA returns a negative value, as it did for programs with Pallas calls) per core per call "
+        "(train: one step; sample: one whole 50-step CFG sampling of the per-core batch + "
+        "decode). Budget = 15/16 of the core's HBM. Pallas = fused-attention custom calls in "
+        "the compiled HLO. Compile s on a shared 2-core x86 host (niced).",
+        "",
+        "| chip | program | variant | params | per core | batch | args | temp | peak | budget "
+        "| fits | TFLOP | cost-model s | Pallas | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {k: i for i, k in enumerate(TARGET_JOBS + MORE_JOBS)}
+    rows.sort(key=lambda r: order.get(record_key(r), len(order)))
+    for r in rows:
+        lines.append(
+            f"| {r['chip']} | {r['program']} | {r['variant']} | {r['params']} | "
+            f"{r['per_core']} | {r['batch']} | {_g(r['argument_bytes'])} | {_g(r['temp_bytes'])} "
+            f"| {_g(r['peak_bytes'])} | {_g(r['budget_bytes'])} | "
+            f"{'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e12:.2f} | "
+            f"{_seconds(r['optimal_seconds'])} | {r['pallas_custom_calls']} | "
+            f"{r['compile_s']:.0f} |")
+    if not rows:
+        lines.append("| (none compiled yet) | | | | | | | | | | | | | | |")
+    lines.append("")
+    if rows:
+        r0 = rows[0]
+        lines.append(f"jax {r0['jax']}, libtpu {r0.get('libtpu', '?')}; records in "
+                     "`benchmarks/tpu_aot.jsonl`.")
+        lines.append("")
+    if pending:
+        lines.append("Not compiled yet (each line is one resumable command):")
+        lines.append("")
+        for key in pending:
+            lines.append(f"- `{key}`: `.venv-tpu/bin/python -m benchmarks.tpu_aot --only {key}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(path: str, records: list[dict], plan: list[str], size_name: str) -> None:
+    from benchmarks.run import rewrite_results
+
+    done = {record_key(r) for r in records if r.get("size") == size_name}
+    pending = [k for k in plan if k not in done]
+    section = results_section(records, pending, size_name)
+    for other in ("sd14", "small", "tiny"):  # the other sizes' records, if any
+        if other != size_name and any(r.get("size") == other for r in records):
+            section += "\n" + results_section(records, [], other)
+    rewrite_results(path, RESULTS_KEY, section)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tpu_aot")
+    p.add_argument("--size", default="sd14", choices=("sd14", "small", "tiny"))
+    p.add_argument("--plan", default="all", choices=("targets", "all"),
+                   help="targets: the issue's four measured targets; all: + the other chips")
+    p.add_argument("--only", default="", help="comma-separated CHIP/PROGRAM/VARIANT/PARAMS/"
+                   "PER_CORE jobs instead of the plan")
+    p.add_argument("--jsonl", default=JSONL, help="records (appended; done jobs are skipped)")
+    p.add_argument("--results", default=RESULTS, help="RESULTS.md to update, or 'none'")
+    p.add_argument("--list", action="store_true", help="print the jobs and their state, exit")
+    p.add_argument("--force", action="store_true", help="recompile jobs already in the JSONL")
+    args = p.parse_args(argv)
+
+    plan = list(TARGET_JOBS) + ([] if args.plan == "targets" else list(MORE_JOBS))
+    jobs = [Job.parse(k) for k in (args.only.split(",") if args.only else plan) if k]
+    if args.size != "sd14":  # the plan (and its "not compiled yet" list) is the real size's
+        plan = [j.key for j in jobs]
+    records = read_records(args.jsonl)
+    done = {record_key(r) for r in records if r.get("size") == args.size}
+    todo = [j for j in jobs if args.force or j.key not in done]
+    if args.list:
+        for j in jobs:
+            print(f"{'done' if j.key in done else 'todo'}  {j.key}")
+        return
+    print(f"tpu_aot: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {args.jsonl}, "
+          f"{len(todo)} to compile (size {args.size})", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="goal_tpu_tok_") as tmp:
+        from benchmarks import models as bm
+
+        tok = bm.write_tokenizer(tmp)
+        for i, job in enumerate(todo):
+            elapsed = time.perf_counter() - started
+            eta = (f", ETA {elapsed / i * (len(todo) - i) / 60:.0f} min for the rest"
+                   if i else "")
+            print(f"[{i + 1}/{len(todo)}] compiling {job.key} ({elapsed / 60:.1f} min "
+                  f"so far{eta})", flush=True)
+            rec = compile_job(job, args.size, tok)
+            rec["command"] = "python -m benchmarks.tpu_aot " + " ".join(argv)
+            print(f"[{i + 1}/{len(todo)}] {job.key}: peak {_g(rec['peak_bytes'])} GiB "
+                  f"(args {_g(rec['argument_bytes'])} + temp {_g(rec['temp_bytes'])}), "
+                  f"{rec['flops'] / 1e12:.2f} TFLOP, cost model {rec['optimal_seconds']:.3g} s, "
+                  f"{rec['pallas_custom_calls']} Pallas calls, fits {rec['fits']}, "
+                  f"compile {rec['compile_s']:.0f} s", flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            records.append(rec)
+            if args.results != "none":
+                write_results(args.results, records, plan, args.size)
+    if args.results != "none":
+        write_results(args.results, records, plan, args.size)
+
+
+if __name__ == "__main__":
+    main()

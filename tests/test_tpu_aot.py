@@ -1,0 +1,121 @@
+"""benchmarks/tpu_aot.py compiles goal_jax's programs for a TPU without a TPU.
+
+The compile runs in a subprocess with the interpreter of the separate libtpu venv
+(``make tpu-venv``, made by ``make test``), so that JAX in the test venv keeps the CPU backend.
+At the ``small`` size, the GOAL train step (bf16 + remat, fused attention, FSDP over the 4 chips
+of a v5e:2x2 topology, 1 image per chip) and the 50-step CFG sampler (batch 1 per chip) compile
+for XLA:TPU; their HLO contains the Pallas flash-attention custom calls; the recorded memory adds
+up; the RESULTS section lists both rows; a rerun skips the finished jobs.
+
+Also here: the frozen weights stored in bf16 (``train.frozen_dtype``), which the TPU table
+measures.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU_PYTHON = os.environ.get("GOAL_TPU_PYTHON", os.path.join(REPO, ".venv-tpu", "bin", "python"))
+JOBS = ("v5e-4/train/bf16_remat/fsdp/1", "v5e-4/sample/bf16/replicated/1")
+
+
+def _run(args, tmp_path):
+    if not os.path.isfile(TPU_PYTHON):
+        pytest.fail(f"{TPU_PYTHON} does not exist: run `make tpu-venv` (made by `make test`) or "
+                    "set GOAL_TPU_PYTHON to a python with jax[tpu]==0.10.2 and goal_jax")
+    env = dict(os.environ, PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)  # the test session's 8 simulated CPU devices
+    env.pop("JAX_PLATFORMS", None)
+    proc = subprocess.run([TPU_PYTHON, "-m", "benchmarks.tpu_aot", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_small_train_step_and_sampler_compile_for_v5e_2x2(tmp_path):
+    jsonl, results = tmp_path / "tpu.jsonl", tmp_path / "RESULTS.md"
+    args = ["--size", "small", "--only", ",".join(JOBS), "--jsonl", str(jsonl),
+            "--results", str(results)]
+    out = _run(args, tmp_path)
+    assert "[2/2]" in out
+    records = {f"{r['chip']}/{r['program']}/{r['variant']}/{r['params']}/{r['per_core']}": r
+               for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert sorted(records) == sorted(JOBS)
+    for key, r in records.items():
+        assert r["device_kind"] == "TPU v5 lite" and r["cores"] == 4 and r["batch"] == 4, key
+        assert r["pallas_custom_calls"] > 0, key  # the fused attention is in the TPU program
+        assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+                                   + r["temp_bytes"]), key
+        # (the cost model's optimal_seconds is recorded as XLA gives it; with the Mosaic calls
+        # of the fused attention it came out negative for the small train step)
+        assert r["flops"] > 0 and r["bytes_accessed"] > 0, key
+        assert r["fits"] and r["peak_bytes"] < r["budget_bytes"] == int(15 * 2 ** 30), key
+    train = records[JOBS[0]]
+    # FSDP: a chip holds a quarter of each large parameter (and AdamW moment), so its arguments
+    # are far below the parameters' total (replicated, they alone would exceed it).
+    assert train["argument_bytes"] < 0.5 * train["param_bytes_total"]
+    assert train["alias_bytes"] > 0  # the train state is donated
+    text = results.read_text()
+    assert "<!-- tpu-aot:begin -->" in text and "<!-- tpu-aot:end -->" in text
+    for key in JOBS:
+        chip, program, variant, params, per_core = key.split("/")
+        assert f"| {chip} | {program} | {variant} | {params} | {per_core} |" in text
+    # Resumable: a second run finds both jobs in the JSONL and compiles nothing.
+    again = _run(args, tmp_path)
+    assert "2 already in" in again and "0 to compile" in again
+    assert len(jsonl.read_text().splitlines()) == 2
+
+
+def test_job_names_are_checked():
+    sys.path.insert(0, REPO)
+    from benchmarks import tpu_aot
+
+    assert tpu_aot.Job.parse("v2-8/train/lean/fsdp/2").per_core == 2
+    with pytest.raises(ValueError, match="unknown chip 'v9-8'"):
+        tpu_aot.Job.parse("v9-8/train/lean/fsdp/2")
+    with pytest.raises(ValueError, match="unknown train variant 'bf8'"):
+        tpu_aot.Job.parse("v2-8/train/bf8/fsdp/2")
+    with pytest.raises(ValueError, match="the sampler replicates its parameters"):
+        tpu_aot.Job.parse("v2-8/sample/bf16/fsdp/1")
+    with pytest.raises(ValueError, match="expected CHIP/PROGRAM/VARIANT/PARAMS/PER_CORE"):
+        tpu_aot.Job.parse("v2-8/train/lean")
+    for key in tpu_aot.TARGET_JOBS + tpu_aot.MORE_JOBS:
+        tpu_aot.Job.parse(key)
+
+
+def test_frozen_weights_stored_in_bf16():
+    from goal_jax import train
+
+    cfg = train.default_train_config()
+    assert cfg.frozen_dtype == "float32"
+    params = {
+        "unet": {"down_blocks_0": {"attentions_0": {"transformer_blocks_0": {
+            "attn1": {"to_q": {"kernel": jnp.ones((4, 4))}},
+            "ff": {"net_2": {"kernel": jnp.full((4, 4), 1 / 3)}}}}}},
+        "vae": {"conv_in": {"kernel": jnp.full((3,), 0.1)}},
+        "text_encoder": {"ids": jnp.arange(3)},
+        "clip": {"logit_scale": jnp.float32(2.6592)},
+    }
+    opt, _ = train.make_optimizer(cfg)
+    cfg.frozen_dtype = "bfloat16"
+    state = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
+    leaves = jax.tree_util.tree_leaves(state.frozen)
+    assert {str(x.dtype) for x in leaves} == {"bfloat16", "int32"}
+    ff = state.frozen["unet"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["ff"]
+    np.testing.assert_array_equal(ff["net_2"]["kernel"],
+                                  jnp.full((4, 4), 1 / 3).astype(jnp.bfloat16))
+    # trainable weights and AdamW state stay float32
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(state.params)} == {"float32"}
+    # abstract trees (jax.eval_shape) are cast too: what benchmarks/tpu_aot.py compiles
+    abstract = jax.eval_shape(lambda p: train.create_train_state(p, cfg, opt).frozen, params)
+    assert abstract["vae"]["conv_in"]["kernel"].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="config.frozen_dtype must be one of"):
+        train.cast_frozen(params, "float8")
