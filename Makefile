@@ -1,4 +1,8 @@
 # Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+#   make test       creates .venv, installs goal_jax[test] (and Debian's chromium when no
+#                   Chromium is on the PATH), runs the whole pytest suite
+#   make test-fast  the unit tests only (-m "not slow"; a couple of minutes on 2 cores)
+#   make lint       ruff over the whole tree (rules in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +16,7 @@ TPU_VENV ?= .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: test install clean demo tpu-venv tpu-aot
+.PHONY: test test-fast lint chromium install clean demo world tpu-venv tpu-aot
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +28,27 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP) $(TPU_STAMP)
+# The data_prep review page is tested in headless Chromium (tests/test_data_prep_review.py):
+# install Debian's package when no Chromium is on the PATH (as root, else through sudo).
+CHROMIUM_NAMES := chromium chromium-browser google-chrome
+chromium:
+	@for name in $(CHROMIUM_NAMES); do \
+	  if command -v $$name >/dev/null 2>&1; then echo "chromium: $$(command -v $$name)"; exit 0; fi; \
+	done; \
+	echo "chromium: installing Debian's chromium package"; \
+	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium && \
+	command -v chromium
+
+test: $(STAMP) $(TPU_STAMP) chromium
 	$(PY) -m pytest -q -n auto --dist loadfile tests
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 $(TPU_PY):
 	$(PYTHON) -m venv $(TPU_VENV)
@@ -42,15 +64,19 @@ tpu-venv: $(TPU_STAMP)
 tpu-aot: $(TPU_STAMP)
 	$(TPU_PY) -m benchmarks.tpu_aot --jsonl benchmarks/tpu_aot.jsonl --results benchmarks/RESULTS.md
 
-# The demo: tiny random models + the synthetic shapes dataset, trained on the CPU in a few
-# minutes (checkpoints, TensorBoard and metrics.jsonl in runs/demo), then a few layouts sampled
-# from the last checkpoint into runs/demo/samples. Rerunning resumes / skips what is done.
+# The demo: GOAL fine-tuning of the shipped shapes world (assets/shapes_world) for a few
+# minutes on the CPU, then the same fixed layouts sampled with the base world and the fine-tuned
+# U-Net: runs/demo/demo.png (side by side, boxes drawn) and the oracle's scores of both.
+# Rerunning resumes / skips what is done.
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
-	$(PY) scripts/train.py --config configs/goal.py:demo --workdir $(DEMO_DIR)
-	$(PY) scripts/sample.py --pretrained $(DEMO_DIR)/demo_models/pipeline \
-	  --checkpoint $(DEMO_DIR)/checkpoints --jsonl $(DEMO_DIR)/sample_layouts.jsonl \
-	  --steps 10 --cfg 3.0 --output_dir $(DEMO_DIR)/samples
+	$(PY) scripts/demo.py --workdir $(DEMO_DIR)
+
+# The shapes world itself, trained from scratch (about 90 minutes on 2 CPU cores; resumable:
+# rerun to continue). Writes assets/shapes_world/{pipeline,clip,world.json,world_samples.png}.
+WORLD_DIR ?= runs/world
+world: $(STAMP)
+	$(PY) scripts/world.py --config configs/world.py --workdir $(WORLD_DIR) --out assets/shapes_world
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) .pytest_cache

@@ -35,9 +35,10 @@ Per TPU kind, ``TPU_SETTINGS`` / :func:`tpu_settings` give the paper run's setti
 core (batch per core, parameter sharding, frozen weights in bf16), from XLA:TPU's own compiles
 (benchmarks/tpu_aot.py, benchmarks/RESULTS.md); notebooks/train_goal.ipynb applies them.
 
-Every field can be overridden on the command line (``--config.train.steps=100``); fields that do
-not exist are refused (:func:`check_override_keys`) and :func:`validate_config` checks values
-before anything is loaded or compiled.
+Every default lives in this file, in :func:`_base` (the paper's values); presets and ablations
+change some of them. Every field can be overridden on the command line
+(``--config.train.steps=100``); goal_jax.config_checks refuses fields that do not exist and
+checks values before anything is loaded or compiled. This file imports only ml_collections.
 
 Fields:
   preset            str, the config string this config was built from (information only).
@@ -45,10 +46,46 @@ Fields:
                     use them as ``train.model.pipeline`` / ``train.model.clip``.
   num_devices       int, use the first N devices for the mesh (0 = all devices).
   compilation_cache str, JAX persistent compilation cache folder ('' = off).
-  train             goal_jax.train.default_train_config() (every field documented in
-                    goal_jax/train.py), plus:
+  train             the train step (goal_jax.train reads this section):
     steps                  int, number of train steps (optimizer updates x grad_accum_steps).
     per_device_batch_size  int, batch per device; global batch = this x devices.
+    seed                   int, PRNG seed of the train state (t, eps, dropout draws).
+    alpha, beta            float, the weights α of L_DSA and β of L_MAA (eq. 15).
+    dsa_local, dsa_global  bool, the Table 6 switches of D_local / D_global.
+    dsa_region             "mask" (x̂0·M_i, the paper) or "crop" (crop-and-resize the box).
+    clip_mean, clip_std    3-tuples, CLIP pixel normalisation for DSAlign.
+    maa_part               "down" | "mid" | "up": the U-Net part of the MAAlign layers.
+    maa_resolution         int, the side of their attention grid (16: SD-1.4 decoder 16x16).
+    maa_layers             tuple of module-path prefixes; non-empty overrides part/resolution.
+    caption_dropout        float in [0, 1), probability of the empty caption per item.
+    grounding_dropout      float in [0, 1), probability of the null grounding per item.
+    gligen_scale           float, multiplies the gated self-attention residuals (1 = on).
+    encoded_box_slots      int K (0 = all N): the phrase encoders and the DSAlign CLIP run on
+                           the first K box slots only; the loss is unchanged while every real
+                           box sits in the first K slots, which the program checks over the
+                           whole dataset at start (goal_jax.train.check_box_slots).
+    encoded_phrase_tokens  int L (0 = all 77): the phrase encoders see the first L tokens; the
+                           loss is unchanged while every phrase's EOS is within L (checked
+                           likewise, goal_jax.train.check_phrase_tokens).
+    dtype                  "float32" | "bfloat16": compute dtype (parameters stay float32).
+    remat                  bool, gradient checkpointing of U-Net, VAE decoder and CLIP blocks.
+    frozen_dtype           "float32" | "bfloat16": storage dtype of the frozen parameters (cast
+                           once by goal_jax.train.create_train_state; trainable parameters and
+                           AdamW state stay float32; with dtype="bfloat16" the modules cast
+                           weights to bf16 anyway, so bf16 storage computes the same and halves
+                           the frozen weights' memory).
+    trainable_patterns     tuple of regexes (re.search) on "/"-joined U-Net parameter paths;
+                           default the paper's fusers + attn1 + attn2.
+    train_position_net     bool, also train the GLIGEN position net.
+    optimizer              learning_rate (peak, constant after warmup_steps of linear warm-up),
+                           weight_decay (AdamW, decoupled), b1, b2, eps, grad_clip_norm (> 0:
+                           clip by global norm), grad_accum_steps (optax.MultiSteps; 1 = off).
+    sharding               data, fsdp (mesh axis sizes; data=-1: all devices), params
+                           ("replicated" | "fsdp"), fsdp_min_size (smaller arrays stay
+                           replicated), distributed (jax.distributed.initialize, multi-host).
+    model.pipeline         str, diffusers GLIGEN pipeline folder or hub id (either folder form:
+                           safetensors or orbax, goal_jax.weights).
+    model.clip             str, Hugging Face CLIPModel folder or hub id (the DSAlign CLIP).
   data
     source        str, a folder in the on-disk format (annotations.jsonl + images), built into
                   ``data_dir`` on first use; '' = use the goal2k dataset already in data_dir.
@@ -82,9 +119,6 @@ import json
 import re
 
 import ml_collections
-
-# The checks live in goal_jax.loop (importable by the training loop and tests); re-exported here.
-from goal_jax.loop import apply_overrides, check_override_keys, validate_config  # noqa: F401
 
 BASES = ("paper", "demo")
 ABLATIONS = {
@@ -129,6 +163,10 @@ def tpu_settings(device_kind: str, num_devices: int) -> dict | None:
 
 PAPER_PIPELINE = "masterful/gligen-1-4-generation-text-box"
 PAPER_CLIP = "openai/clip-vit-large-patch14"
+# The paper's trainable layers: GLIGEN's gated self-attention (fuser), self- and cross-attention.
+PAPER_TRAINABLE = (r"(^|/)fuser/", r"(^|/)attn1/", r"(^|/)attn2/")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEMO_LAYOUTS = (
     {"caption": "a red circle to the left of a blue square", "phrases": ["a red circle",
@@ -147,35 +185,32 @@ PAPER_LAYOUTS = (
 )
 
 
-def _train_section():
-    from goal_jax import train as train_lib
-
-    train = train_lib.default_train_config()
-    train.steps = 14_000
-    train.per_device_batch_size = 1
-    return train
+def _train_section() -> ml_collections.ConfigDict:
+    """The paper's train step (every field documented in the module docstring)."""
+    return ml_collections.ConfigDict(dict(
+        steps=14_000, per_device_batch_size=1, seed=0,
+        alpha=1e-2, beta=1e-3, dsa_local=True, dsa_global=True, dsa_region="mask",
+        clip_mean=CLIP_MEAN, clip_std=CLIP_STD,
+        maa_part="up", maa_resolution=16, maa_layers=(),
+        caption_dropout=0.0, grounding_dropout=0.0, gligen_scale=1.0,
+        encoded_box_slots=0, encoded_phrase_tokens=0, dtype="float32", remat=False,
+        frozen_dtype="float32",
+        trainable_patterns=PAPER_TRAINABLE, train_position_net=False,
+        optimizer=dict(learning_rate=5e-5, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999,
+                       eps=1e-8, grad_clip_norm=0.0, grad_accum_steps=1),
+        sharding=dict(data=-1, fsdp=1, params="replicated", fsdp_min_size=2 ** 14,
+                      distributed=False),
+        model=dict(pipeline=PAPER_PIPELINE, clip=PAPER_CLIP)))
 
 
 def _base(preset: str) -> ml_collections.ConfigDict:
+    """Every default: the paper's setting."""
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.demo_models = False
     c.num_devices = 0
     c.compilation_cache = ""
-
     c.train = _train_section()
-    # The paper's setting is train.py's default; spelled out here so the preset reads alone.
-    c.train.model.pipeline = PAPER_PIPELINE
-    c.train.model.clip = PAPER_CLIP
-    c.train.alpha = 1e-2
-    c.train.beta = 1e-3
-    c.train.dsa_local = True
-    c.train.dsa_global = True
-    c.train.maa_part = "up"
-    c.train.maa_resolution = 16
-    c.train.optimizer.learning_rate = 5e-5
-    c.train.optimizer.warmup_steps = 0
-
     c.data = ml_collections.ConfigDict(dict(
         source="", data_dir="", shapes_items=0, resolution=512, max_boxes=30, flip=False,
         random_crop=False, min_box_size=0.001, shuffle=True, seed=0))
@@ -189,6 +224,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:
+    """The demo preset: tiny random models and the shapes dataset, minutes on a CPU."""
     c.demo_models = True
     c.train.model.pipeline = ""  # set to <workdir>/demo_models/pipeline at run time
     c.train.model.clip = ""

@@ -14,6 +14,13 @@ again on restore, so ``TrainState.rng`` round-trips exactly.
 
 The data-iterator state may be any JSON value, or ``bytes`` (e.g. a serialized tf.data
 iterator), which is stored base64-encoded.
+
+Failures are loud and early: the directory is checked writable when the manager opens
+(:class:`CheckpointSaveError`, no hang), :meth:`CheckpointManager.check_for_errors` raises as
+soon as a background save has failed (the training loop calls it every step), and
+:meth:`CheckpointManager.restore_params` reads the trainable parameters only (never the
+optimizer state) and refuses non-finite values. Model folders (diffusers safetensors or orbax
+``params/``) are read by goal_jax.weights, not here.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA, META = "state", "data", "meta"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (unwritable folder, full disk...); names the step."""
 
 
 @dataclasses.dataclass
@@ -159,10 +170,15 @@ class CheckpointManager:
       async_save: write arrays in a background thread (``wait()`` to block).
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 check_writable: bool = False):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = os.path.abspath(os.fspath(directory))
+        if check_writable:
+            _check_writable(self.directory)
+        self._last_save = None
+        self._unchecked = False  # a save started whose outcome check_for_errors has not seen
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -202,6 +218,14 @@ class CheckpointManager:
             return False
         meta = dict(metadata or {})
         meta.setdefault("step", step)
+        try:
+            started = self._save(step, state, data_state, meta, force)
+        except Exception as e:  # includes a failure of the previous save, raised here
+            raise self._save_error(e) from e
+        self._last_save, self._unchecked = step, True
+        return started
+
+    def _save(self, step, state, data_state, meta, force) -> bool:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -248,6 +272,37 @@ class CheckpointManager:
         state = _data_to_keys(restored[STATE], abstract)
         return Restored(step, state, _decode_data_state(restored[DATA]),
                         dict(restored[META] or {}))
+
+    def restore_params(self, step: int | None = None, key: str = "params") -> Any:
+        """The ``key`` subtree of the stored state (default the trainable parameters) as host
+        float32 numpy arrays, read alone (orbax partial restore: the optimizer state is never
+        read). Raises CheckpointError naming the step when it is absent or holds a non-finite
+        value (a damaged or diverged checkpoint)."""
+        from goal_jax.weights import CheckpointError
+
+        step = self._resolve_step(step)
+        source = f"checkpoint {self.directory}/{step}"
+        try:
+            meta = self._manager.item_metadata(step)[STATE]
+        except Exception as e:  # tensorstore / orbax raise many types for damaged files
+            raise CheckpointError(f"cannot read the array metadata of {source}: {e}") from e
+        tree = getattr(meta, "tree", meta)
+        if not isinstance(tree, dict) or key not in tree or not tree[key]:
+            raise CheckpointError(
+                f"{source} holds no {key!r} tree; it holds "
+                f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
+        subtree = {key: tree[key]}
+        restore_args = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), subtree)
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                os.path.join(self.directory, str(step), STATE),
+                args=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args,
+                                            partial_restore=True))[key]
+        except Exception as e:  # tensorstore / orbax raise many types for damaged files
+            raise CheckpointError(f"cannot read {key!r} of {source}: {e}") from e
+        check_finite(restored, source)
+        return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), restored)
 
     def restore_metadata(self, step: int | None = None) -> dict:
         """The JSON metadata of ``step`` (default latest) without reading any array."""
@@ -296,12 +351,48 @@ class CheckpointManager:
     # -- lifecycle -------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Blocks until every started save is written."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is written; CheckpointSaveError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(e) from e
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError when a background save has failed; returns at once (it
+        never waits for a save still being written)."""
+        try:
+            self._manager.check_for_errors()
+            if self._unchecked and not self._manager.is_saving_in_progress():
+                self._unchecked = False
+                self._manager.wait_until_finished()  # finished: returns, or raises its error
+        except Exception as e:
+            raise self._save_error(e) from e
+
+    def delete(self, step: int) -> None:
+        """Removes the checkpoint of ``step`` (after the pending saves finish)."""
+        self.wait()
+        self._manager.delete(int(step))
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the pending saves and releases orbax's threads. A failed save raises
+        CheckpointSaveError after the manager is closed (nothing is left waiting)."""
+        error = None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            error = self._save_error(e)
+        try:
+            self._manager.close()
+        except Exception as e:  # a failed save can resurface here
+            error = error or self._save_error(e)
+        if error is not None:
+            raise error
+
+    def _save_error(self, error: Exception) -> CheckpointSaveError:
+        step = "" if self._last_save is None else f" step {self._last_save}"
+        return CheckpointSaveError(
+            f"saving checkpoint{step} in {self.directory} failed: "
+            f"{type(error).__name__}: {error}")
 
     def __enter__(self):
         return self
@@ -310,113 +401,29 @@ class CheckpointManager:
         self.close()
 
 
-# ----------------------------------------------------------------------------------------------
-# Model folders with orbax params (fast start-up; written by scripts/convert.py).
-# ----------------------------------------------------------------------------------------------
-#
-# A converted model folder mirrors the Hugging Face / diffusers one, with the safetensors
-# replaced by an orbax checkpoint of the Flax params:
-#
-#     <component>/config.json        unchanged
-#     <component>/params/            orbax StandardCheckpointer tree (Flax names, float32)
-#
-# A converted pipeline folder holds unet/ vae/ text_encoder/ in that form, plus tokenizer/,
-# scheduler/ and model_index.json copied unchanged. load_component / load_pipeline read either
-# form, so every path option (model.pretrained, model.clip) accepts both.
-
-PARAMS_DIR = "params"
-
-COMPONENT_KINDS = ("unet", "vae", "text_encoder", "clip")
+def _check_writable(directory: str) -> None:
+    """Creates ``directory`` and a probe file in it; CheckpointSaveError when that fails."""
+    probe = os.path.join(directory, f".write_probe_{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointSaveError(f"checkpoint folder {directory} is not writable: {e}") from e
 
 
-def save_params(folder: str, params) -> None:
-    """Writes a params tree as an orbax checkpoint at ``folder`` (must not exist)."""
-    if os.path.exists(folder):
-        raise FileExistsError(f"{folder} already exists; remove it or choose another output")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(folder), params)
-    checkpointer.wait_until_finished()
-
-
-def load_params(folder: str, shapes, source: str | None = None):
-    """Reads an orbax params checkpoint strictly against ``shapes`` (a tree of arrays or
-    ShapeDtypeStructs): missing, unexpected and mis-shaped arrays raise CheckpointError."""
+def check_finite(tree, source: str) -> None:
+    """Raises weights.CheckpointError naming ``source`` and the first arrays holding NaN or
+    infinite values (e.g. flipped bytes or a diverged run)."""
     from goal_jax.weights import CheckpointError
 
-    folder = os.path.abspath(folder)
-    source = source or folder
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"orbax params folder not found: {folder}")
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        meta = checkpointer.metadata(folder)
-    except Exception as e:  # orbax raises several types for unreadable folders
-        raise CheckpointError(f"cannot read orbax params in {folder}: {e}") from e
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    check_tree(tree, shapes, source, "the model")
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.float32), shapes)
-    return checkpointer.restore(folder, target)
-
-
-def _component_module(kind: str, path: str, dtype, **module_options):
-    from goal_jax.weights import CheckpointError, read_config
-
-    config = read_config(path)
-    if kind == "unet":
-        from goal_jax.models import unet as lib
-
-        cfg = lib.UNet2DConditionConfig.from_dict(config, source=path)
-        return lib.UNet2DConditionModel(config=cfg, dtype=dtype, **module_options)
-    if kind == "vae":
-        from goal_jax.models import vae as lib
-
-        cfg = lib.AutoencoderKLConfig.from_dict(config, source=path)
-        return lib.AutoencoderKL(config=cfg, dtype=dtype, **module_options)
-    if kind == "text_encoder":
-        from goal_jax.models import clip as lib
-
-        return lib.CLIPTextModel(config=lib.CLIPTextConfig.from_dict(config, source=path),
-                                 dtype=dtype, **module_options)
-    if kind == "clip":
-        from goal_jax.models import clip as lib
-
-        return lib.CLIPModel(config=lib.CLIPConfig.from_dict(config, source=path), dtype=dtype,
-                             **module_options)
-    raise CheckpointError(f"unknown model kind {kind!r}; expected one of {COMPONENT_KINDS}")
-
-
-def is_orbax_folder(path: str) -> bool:
-    """True when ``path`` holds config.json + an orbax ``params/`` checkpoint."""
-    return os.path.isdir(os.path.join(path, PARAMS_DIR))
-
-
-def load_component(path: str, kind: str, dtype=None, **module_options):
-    """(module, params) of a model folder in either form (safetensors or orbax ``params/``).
-
-    kind: "unet" | "vae" | "text_encoder" | "clip". ``module_options`` go to the module
-    (U-Net: remat, attention_maps, and require_grounding as in weights.load_unet; VAE: remat).
-    """
-    import jax.numpy as jnp
-
-    from goal_jax import weights
-
-    dtype = jnp.float32 if dtype is None else dtype
-    if not is_orbax_folder(path):
-        return weights.load_component(path, kind, dtype, **module_options)
-    require_grounding = module_options.pop("require_grounding", False)
-    module = _component_module(kind, path, dtype, **module_options)
-    if require_grounding:
-        weights.check_grounding(module.config, path)
-    shapes = weights.param_shapes(module, *module.dummy_inputs())
-    return module, load_params(os.path.join(path, PARAMS_DIR), shapes, source=path)
-
-
-def load_pipeline(path: str, dtype=None, **unet_options):
-    """``weights.load_pipeline`` for a pipeline folder whose components may be in either form."""
-    import jax.numpy as jnp
-
-    from goal_jax import weights
-
-    return weights.load_pipeline(path, jnp.float32 if dtype is None else dtype,
-                                 component_loader=load_component, **unet_options)
+    bad = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            bad.append(f"{_path_str(path)} ({int(np.size(x) - np.isfinite(x).sum())} of "
+                       f"{np.size(x)} values)")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{source} holds non-finite parameters: {shown}")

@@ -1,8 +1,19 @@
 """The GOAL training program: ``train_and_evaluate(config, workdir)`` (configs/goal.py configs).
 
-scripts/train.py is the absl entry point; tests call :func:`train_and_evaluate` in-process.
-Sections: config checks (run before anything is loaded or compiled), set-up (models, data,
-mesh, train state, resume), the loop (metrics, progress, checkpoints, samples, preemption).
+scripts/train.py is the absl entry point; tests and the notebooks call
+:func:`train_and_evaluate` in-process. The file reads top to bottom, as flax/examples' train.py:
+
+  set-up      :func:`prepare` (demo models, shapes data, hub downloads), :func:`create_mesh`,
+              the models and train state (goal_jax.train), :func:`create_input_pipeline`,
+              :func:`restore_or_init`
+  writers     :func:`create_writers`: clu's MultiWriter over the TensorBoard / console writer
+              and :class:`JsonlMetricWriter` (metrics.jsonl); :class:`MetricLog` averages the
+              step metrics between writes and checks them finite
+  actions     :func:`save_checkpoint`, :func:`sample_layouts`: top-level functions with
+              explicit arguments, called by the loop
+  the loop    :func:`train_and_evaluate`
+
+Config checks live in goal_jax.config_checks (re-exported here).
 
 Workdir layout::
 
@@ -14,12 +25,18 @@ Workdir layout::
     <workdir>/events.out.tfevents*  TensorBoard (clu metric writer)
     <workdir>/demo_models/, shapes/, tfds/   demo models, generated and built datasets
 
-Resume is exact: the checkpoint holds the train state (step, trainable params, optimizer state,
-PRNG key) and the data iterator's (epoch, batch) position, so a resumed run computes the same
-steps on the same batches as an uninterrupted one. SIGTERM (preemption) saves a checkpoint at
-the current step and returns normally (``TrainResult.stopped == "preempted"``). A non-finite
-loss raises :class:`NonFiniteLossError` naming the step; metrics are checked before every save,
-so the last checkpoint on disk is always a good one.
+Runs never lie:
+
+* Resume is exact: the checkpoint holds the train state (step, trainable params, optimizer
+  state, PRNG key) and the data iterator's (epoch, batch) position.
+* A non-finite loss raises :class:`NonFiniteLossError` naming the step. The loss of step k+1
+  is the first test of the weights saved at step k, so when it is non-finite the checkpoint of
+  step k is deleted: the last checkpoint left on disk gives a finite loss. Weights are also
+  checked finite before every save.
+* A failed save (full disk, unwritable folder) raises :class:`CheckpointSaveError` at the next
+  step, not at the next save; an unwritable checkpoint folder fails before training starts.
+* SIGTERM (preemption) saves a checkpoint at the current step and returns normally
+  (``TrainResult.stopped == "preempted"``); metrics.jsonl holds each step once after a restart.
 """
 
 from __future__ import annotations
@@ -28,7 +45,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -36,217 +52,21 @@ from typing import Any
 
 import ml_collections
 
+from goal_jax.checkpoints import CheckpointSaveError  # noqa: F401 - re-exported
+from goal_jax.config_checks import (  # noqa: F401 - re-exported for scripts and notebooks
+    apply_overrides,
+    check_override_keys,
+    resolve_model_path,
+    validate_config,
+)
+
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; the message names the step."""
+    """A loss term became NaN or infinite; the message names the step (``.step``)."""
 
-
-# ----------------------------------------------------------------------------------------------
-# Overrides and validation.
-# ----------------------------------------------------------------------------------------------
-
-
-def _fields(config, prefix="") -> list[str]:
-    out = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out += _fields(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}")
-    return out
-
-
-def check_override_keys(config: ml_collections.ConfigDict, keys) -> None:
-    """Raises ValueError naming every key of ``keys`` ("train.steps", ...) that is not a field
-    of ``config`` (with the closest known fields)."""
-    import difflib
-
-    known = _fields(config)
-    known_set = set(known) | {k.rsplit(".", 1)[0] for k in known if "." in k}
-    bad = [k for k in keys if k not in known_set]
-    if bad:
-        lines = []
-        for k in bad:
-            close = difflib.get_close_matches(k, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            lines.append(f"unknown config field {k!r}{hint}")
-        raise ValueError("; ".join(lines))
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
-    """Sets ``{"train.steps": 100, ...}`` on ``config`` (unknown fields raise ValueError;
-    values must have the field's type, as on the command line)."""
-    check_override_keys(config, overrides)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        try:
-            node[leaf] = value
-        except TypeError as e:
-            raise ValueError(f"config field {key!r}: {e}") from e
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def is_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set (huggingface_hub's own switches)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def resolve_model_path(value: str, field: str, download: bool = False) -> str | None:
-    """A local folder for ``value`` (a folder or a Hugging Face hub id).
-
-    Returns the folder; for a hub id that is not downloaded returns None when ``download`` is
-    False, else fetches it with huggingface_hub.snapshot_download. Raises ValueError naming
-    ``field`` when the folder does not exist, or when the machine is offline for a hub id.
-    """
-    if not value:
-        raise ValueError(f"config field {field} is empty: give a local model folder or a hub id")
-    if os.path.isdir(value):
-        return value
-    if not HUB_ID.match(value) or value.startswith(("./", "../")):
-        raise ValueError(f"config field {field}: folder not found: {value}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(value, local_files_only=True)
-    except Exception:  # not in the local cache
-        pass
-    if is_offline():
-        raise ValueError(
-            f"config field {field}: {value!r} is not a local folder and this machine is offline "
-            f"(HF_HUB_OFFLINE). Download it on a machine with internet (`huggingface-cli download "
-            f"{value} --local-dir <folder>`) and pass --config.{field}=<folder>")
-    if not download:
-        return None
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(value)
-    except Exception as e:
-        raise ValueError(
-            f"config field {field}: cannot download {value!r} from the Hugging Face hub ({e}). "
-            f"Download it elsewhere (`huggingface-cli download {value} --local-dir <folder>`) "
-            f"and pass --config.{field}=<folder>") from e
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def _model_configs(config):
-    """(unet config, vae downsample factor) from the pipeline folder or the demo configs;
-    None when the pipeline is a hub id not downloaded yet."""
-    from goal_jax.models import unet as unet_lib
-    from goal_jax.models import vae as vae_lib
-
-    if config.demo_models:
-        from goal_jax import demo_models
-
-        res = config.data.resolution
-        unet = unet_lib.UNet2DConditionConfig.from_dict(demo_models.unet_config_dict(res // 4))
-        return unet, vae_lib.AutoencoderKLConfig.from_dict(
-            demo_models.vae_config_dict(res)).downsample_factor
-    path = resolve_model_path(config.train.model.pipeline, "train.model.pipeline")
-    if path is None:
-        return None
-    from goal_jax import weights
-
-    for sub in ("unet", "vae"):
-        _check(os.path.isdir(os.path.join(path, sub)),
-               f"config field train.model.pipeline: {path} has no {sub}/ subfolder (expected a "
-               "diffusers GLIGEN pipeline folder)")
-    unet = unet_lib.UNet2DConditionConfig.from_dict(
-        weights.read_config(os.path.join(path, "unet")), source=os.path.join(path, "unet"))
-    vae = vae_lib.AutoencoderKLConfig.from_dict(
-        weights.read_config(os.path.join(path, "vae")), source=os.path.join(path, "vae"))
-    return unet, vae.downsample_factor
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Checks values before anything is loaded or compiled; raises ValueError naming the field.
-
-    Checks: types/ranges of the numbers, the model folders (or hub ids: offline -> error), the
-    data source, the resolution against the VAE x U-Net downsampling, and that the MAAlign
-    layers exist at that resolution.
-    """
-    t, d = config.train, config.data
-    _check(t.steps >= 1, f"config field train.steps must be >= 1, got {t.steps}")
-    _check(t.per_device_batch_size >= 1,
-           f"config field train.per_device_batch_size must be >= 1, got {t.per_device_batch_size}")
-    for key in ("alpha", "beta"):
-        _check(t[key] >= 0, f"config field train.{key} must be >= 0, got {t[key]}")
-    _check(t.optimizer.learning_rate > 0,
-           f"config field train.optimizer.learning_rate must be > 0, got "
-           f"{t.optimizer.learning_rate}")
-    for key in ("caption_dropout", "grounding_dropout"):
-        _check(0 <= t[key] < 1, f"config field train.{key} must be in [0, 1), got {t[key]}")
-    _check(t.dtype in ("float32", "bfloat16", "float16"),
-           f"config field train.dtype must be float32, bfloat16 or float16, got {t.dtype!r}")
-    _check(t.dsa_region in ("mask", "crop"),
-           f"config field train.dsa_region must be 'mask' or 'crop', got {t.dsa_region!r}")
-    _check(t.maa_part in ("down", "mid", "up"),
-           f"config field train.maa_part must be 'down', 'mid' or 'up', got {t.maa_part!r}")
-    _check(t.alpha == 0 or t.dsa_local or t.dsa_global,
-           "config fields train.dsa_local and train.dsa_global are both off while train.alpha > 0"
-           "; set train.alpha=0 to disable DSAlign")
-    _check(config.checkpoint.every_steps >= 0, "config field checkpoint.every_steps must be >= 0")
-    _check(config.checkpoint.max_to_keep >= 1, "config field checkpoint.max_to_keep must be >= 1")
-    _check(config.log.every_steps >= 1, "config field log.every_steps must be >= 1")
-    _check(config.sample.every_steps >= 0, "config field sample.every_steps must be >= 0")
-    _check(d.resolution >= 8, f"config field data.resolution must be >= 8, got {d.resolution}")
-    _check(1 <= d.max_boxes <= 30, f"config field data.max_boxes must be in [1, 30], got "
-                                   f"{d.max_boxes}")
-    _check(0 <= d.min_box_size < 1, "config field data.min_box_size must be in [0, 1)")
-    _check(0 <= t.encoded_phrase_tokens <= 77,
-           f"config field train.encoded_phrase_tokens must be in [0, 77] (0 = all tokens), got "
-           f"{t.encoded_phrase_tokens}")
-    _check(0 <= t.encoded_box_slots <= d.max_boxes,
-           f"config field train.encoded_box_slots must be in [0, data.max_boxes={d.max_boxes}] "
-           f"(0 = all slots), got {t.encoded_box_slots}")
-    _check(d.shapes_items >= 0, "config field data.shapes_items must be >= 0")
-    _check(config.num_devices >= 0, "config field num_devices must be >= 0")
-    if num_devices is not None and config.num_devices:
-        _check(config.num_devices <= num_devices,
-               f"config field num_devices={config.num_devices} but only {num_devices} devices "
-               "are present")
-    if d.source and not d.shapes_items:
-        _check(os.path.isdir(d.source), f"config field data.source: folder not found: {d.source}")
-    if not d.source and not d.shapes_items and not config.demo_models:
-        _check(bool(d.data_dir) and os.path.isdir(d.data_dir),
-               "config fields data.source and data.data_dir: give data.source (a dataset folder "
-               "in the on-disk format) or data.data_dir (a TFDS dir with a built goal2k)")
-    for i, text in enumerate(config.sample.layouts):
-        from goal_jax import layout as layout_lib
-
-        try:
-            layout_lib.parse_json(text, name=f"sample.layouts[{i}]")
-        except ValueError as e:
-            raise ValueError(f"config field sample.layouts[{i}]: {e}") from e
-
-    if not config.demo_models:
-        resolve_model_path(t.model.clip, "train.model.clip")
-    models = _model_configs(config)
-    if models is None:  # hub id to be downloaded at start: checked again after download
-        return
-    unet, vae_factor = models
-    factor = vae_factor * 2 ** (unet.num_levels - 1)
-    _check(d.resolution % factor == 0,
-           f"config field data.resolution={d.resolution} is not divisible by {factor} (the VAE "
-           f"downsamples {vae_factor}x and the U-Net {2 ** (unet.num_levels - 1)}x more)")
-    if t.beta and not t.maa_layers:
-        from goal_jax.models import unet as unet_lib
-
-        try:
-            unet_lib.cross_attention_layers(unet, t.maa_part, t.maa_resolution,
-                                            sample_size=d.resolution // vae_factor)
-        except ValueError as e:
-            raise ValueError(f"config fields train.maa_part/train.maa_resolution: {e}") from e
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +76,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """A copy of ``config`` with every path resolved to a local folder, creating what the run
-    needs first: the demo models, the generated shapes dataset, downloads of hub ids."""
+    needs first: the demo models, the generated shapes dataset, downloads of hub ids.
+
+    The shapes dataset (``data.shapes_items`` > 0) is generated into ``data.source`` only when
+    that folder is inside ``workdir`` (default ``<workdir>/shapes``); an explicit folder
+    elsewhere must already hold a dataset, so a mistyped path is an error, not a new dataset.
+    """
     import jax
 
     config = ml_collections.ConfigDict(config.to_dict())
@@ -271,14 +96,97 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
         t.model.pipeline = resolve_model_path(t.model.pipeline, "train.model.pipeline", True)
         t.model.clip = resolve_model_path(t.model.clip, "train.model.clip", True)
     if d.shapes_items:
-        d.source = d.source or os.path.join(workdir, "shapes")
+        d.source = os.path.abspath(d.source or os.path.join(workdir, "shapes"))
         if not os.path.isfile(os.path.join(d.source, "annotations.jsonl")):
+            if not d.source.startswith(os.path.abspath(workdir) + os.sep):
+                raise ValueError(
+                    f"config field data.source: no dataset in {d.source} (no annotations.jsonl)"
+                    f"; data.shapes_items={d.shapes_items} generates the shapes dataset only "
+                    "inside the workdir (data.source='' = <workdir>/shapes). To train on a "
+                    "folder of yours set data.shapes_items=0")
             if jax.process_index() == 0:
                 from goal_jax.data import shapes
 
+                print(f"Generating the shapes dataset ({d.shapes_items} items) in {d.source}",
+                      flush=True)
                 shapes.write_shapes_dataset(d.source, d.shapes_items, d.resolution, seed=d.seed)
     d.data_dir = d.data_dir or os.path.join(workdir, "tfds")
     return config
+
+
+def create_mesh(config: ml_collections.ConfigDict):
+    """(mesh, devices, global batch, per-host batch) from ``num_devices``, ``train.sharding``
+    and ``train.per_device_batch_size``."""
+    import jax
+
+    from goal_jax import sharding as sharding_lib
+
+    t = config.train
+    devices = jax.devices()[: config.num_devices] if config.num_devices else jax.devices()
+    mesh = sharding_lib.create_mesh(t.sharding.data, t.sharding.fsdp, devices)
+    global_batch = t.per_device_batch_size * mesh.devices.size
+    if global_batch % jax.process_count():
+        raise ValueError(f"global batch {global_batch} is not divisible by the "
+                         f"{jax.process_count()} processes")
+    return mesh, devices, global_batch, global_batch // jax.process_count()
+
+
+def create_input_pipeline(config: ml_collections.ConfigDict, models, local_batch: int):
+    """The training iterator (goal_jax.data.pipeline) over ``config.data``, checked against the
+    trimmed encodings of ``config.train`` (encoded_box_slots / encoded_phrase_tokens) on every
+    item before the first step."""
+    from goal_jax import train as train_lib
+    from goal_jax.data import pipeline as data_pipeline
+
+    from goal_jax.data import goal2k
+
+    t, d = config.train, config.data
+    try:
+        data_iter = data_pipeline.make_train_iterator(
+            d.data_dir, os.path.join(t.model.pipeline, "tokenizer"), batch_size=local_batch,
+            resolution=d.resolution, max_boxes=d.max_boxes, seed=d.seed, flip=d.flip,
+            random_crop=d.random_crop, min_box_size=d.min_box_size,
+            source_dir=d.source or None, shuffle=d.shuffle)
+    except goal2k.SourceChangedError as e:
+        raise ValueError(f"config fields data.source and data.data_dir: {e}") from e
+    box_masks, names = data_iter.box_masks()
+    phrase_ids, phrase_masks = data_iter.phrase_token_ids()
+    try:  # the trimmed encodings must give the loss of the full ones on every item
+        train_lib.check_box_slots(box_masks, train_lib.encoded_box_slots(t, d.max_boxes), names)
+        train_lib.check_phrase_tokens(
+            phrase_ids, phrase_masks, train_lib.encoded_phrase_tokens(t, phrase_ids.shape[-1]),
+            train_lib.phrase_eos_token_ids(models), names)
+    except ValueError as e:
+        data_iter.close()
+        raise ValueError(f"config field train.{e}") from e
+    return data_iter
+
+
+def restore_or_init(ckpt, state, data_iter):
+    """``state`` restored from the latest checkpoint in ``ckpt`` (with the data iterator moved
+    to its position), or ``state`` itself when there is none."""
+    if ckpt.latest_step() is None:
+        return state
+    frozen = state.frozen
+    restored = ckpt.restore(state.replace(frozen=None))
+    data_iter.set_state(data_state_of_this_process(
+        restored.data_state, f"{ckpt.directory}/{restored.step}"))
+    print(f"Resumed from {ckpt.directory}/{restored.step} (step {int(restored.state.step)})",
+          flush=True)
+    return restored.state.replace(frozen=frozen)
+
+
+def checkpoint_metadata(config: ml_collections.ConfigDict, checkpoint_dir: str) -> dict:
+    """The JSON metadata of every checkpoint: the base models (absolute, and relative to the
+    checkpoint folder so a moved workdir still finds its demo models), the trainable patterns
+    and the config."""
+    from goal_jax import train as train_lib
+
+    t = config.train
+    return {"pipeline": t.model.pipeline, "clip": t.model.clip,
+            "pipeline_relative": os.path.relpath(t.model.pipeline, checkpoint_dir),
+            "trainable_patterns": list(train_lib.trainable_patterns(t)),
+            "config": json.loads(config.to_json_best_effort())}
 
 
 @dataclasses.dataclass
@@ -358,21 +266,276 @@ def data_state_of_this_process(stored, source: str):
     return states[jax.process_index()]
 
 
+# ----------------------------------------------------------------------------------------------
+# Metrics: clu writers and the interval average.
+# ----------------------------------------------------------------------------------------------
+
+
+def _jsonl_writer_base():
+    from clu import metric_writers
+
+    return metric_writers.MetricWriter
+
+
+class JsonlMetricWriter(_jsonl_writer_base()):
+    """A clu MetricWriter that appends ``{"step": step, **scalars}`` lines to a JSONL file.
+
+    On open, the lines of steps after ``start_step`` are dropped (a run stopped between its
+    last checkpoint and its last log line logged them; the resumed run logs them again), so
+    every step appears once. Only scalars are written; other summaries are ignored.
+    """
+
+    def __init__(self, path: str, start_step: int = 0):
+        kept = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= start_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue  # a line cut by a crash
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_scalars(self, step, scalars):
+        self._file.write(json.dumps({"step": int(step),
+                                     **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._file.flush()
+
+    def write_summaries(self, step, values, metadata=None):
+        del step, values, metadata
+
+    def write_images(self, step, images):
+        del step, images
+
+    def write_videos(self, step, videos):
+        del step, videos
+
+    def write_audios(self, step, audios, *, sample_rate):
+        del step, audios, sample_rate
+
+    def write_texts(self, step, texts):
+        del step, texts
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        del step, arrays, num_buckets
+
+    def write_hparams(self, hparams):
+        del hparams
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def create_writers(workdir: str, start_step: int, is_main: bool):
+    """clu's MultiWriter over the default writer (TensorBoard + console on the main host,
+    console only elsewhere) and, on the main host, ``<workdir>/metrics.jsonl``."""
+    from clu import metric_writers
+
+    writers = [metric_writers.create_default_writer(workdir, just_logging=not is_main)]
+    if is_main:
+        writers.append(JsonlMetricWriter(os.path.join(workdir, "metrics.jsonl"), start_step))
+    return metric_writers.MultiWriter(writers)
+
+
+class MetricLog:
+    """The train-step metrics between two writes.
+
+    ``add`` keeps the device metrics of a step without waiting for it; ``fetch`` copies them to
+    the host (``history``) and raises :class:`NonFiniteLossError` at the first non-finite value;
+    ``interval`` returns the average since the last call with steps/s and examples/s.
+    """
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.history: dict[int, dict] = {}
+        self._pending: list = []
+        self._unwritten: list[int] = []
+        self._t0 = time.time()
+
+    def add(self, step: int, metrics) -> None:
+        self._pending.append((step, metrics))
+
+    def fetch(self) -> None:
+        import jax
+        import numpy as np
+
+        pending, self._pending = self._pending, []
+        for (step, _), values in zip(pending, jax.device_get([m for _, m in pending])):
+            values = {k: float(np.asarray(v)) for k, v in values.items()}
+            self.history[step] = values
+            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+            if bad:
+                raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad)} "
+                                         f"({_fmt(values)})", step)
+            self._unwritten.append(step)
+
+    def interval(self) -> dict | None:
+        """Mean metrics of the steps since the last call (None when there are none)."""
+        import numpy as np
+
+        self.fetch()
+        steps, self._unwritten = self._unwritten, []
+        if not steps:
+            return None
+        mean = {k: float(np.mean([self.history[s][k] for s in steps]))
+                for k in self.history[steps[-1]]}
+        elapsed = max(time.time() - self._t0, 1e-9)
+        self._t0 = time.time()
+        mean["steps_per_sec"] = len(steps) / elapsed
+        mean["examples_per_sec"] = len(steps) * self.global_batch / elapsed
+        return mean
+
+
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
 
 
-def _sampler_pipeline(models, state, tokenizer, scheduler_config, path):
-    from goal_jax import weights
+# ----------------------------------------------------------------------------------------------
+# Actions: checkpoints and samples.
+# ----------------------------------------------------------------------------------------------
 
-    f = state.frozen
-    return weights.GLIGENPipeline(models.unet, None, models.vae, f["vae"], models.text_encoder,
-                                  f["text_encoder"], tokenizer, scheduler_config, path)
+
+def _all_finite(tree):
+    import jax
+    import jax.numpy as jnp
+
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def save_checkpoint(ckpt, step: int, state, data_iter, metadata: dict, reason: str) -> None:
+    """Starts saving ``state`` (without its frozen part), the data position of every host and
+    ``metadata`` at ``step``; raises NonFiniteLossError instead when the trainable params are
+    not all finite (a diverged step is never saved)."""
+    import jax
+
+    if not bool(jax.jit(_all_finite)(state.params)):  # step + 1 would be the first bad loss
+        raise NonFiniteLossError(f"non-finite parameters after step {step}", step + 1)
+    ckpt.save(step, state.replace(frozen=None),
+              data_states_of_all_processes(data_iter.get_state()),
+              dict(metadata, reason=reason, time=time.time()))
+
+
+def discard_diverged_checkpoint(ckpt, bad_step: int) -> int | None:
+    """After a non-finite loss at ``bad_step``: deletes the checkpoint of ``bad_step - 1``
+    (its weights gave that loss) and returns the newest step left (None if none)."""
+    ckpt.wait()
+    if bad_step - 1 in ckpt.all_steps():
+        ckpt.delete(bad_step - 1)
+        print(f"Deleted checkpoint {ckpt.directory}/{bad_step - 1}: its weights give the "
+              f"non-finite loss of step {bad_step}", flush=True)
+    return ckpt.latest_step()
+
+
+def write_sample_layouts(path: str, layouts) -> None:
+    """The fixed sample layouts as JSONL for scripts/sample.py --jsonl (make demo)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, item in enumerate(layouts):
+            seed = item.seed if item.seed is not None else i
+            f.write(json.dumps(dict(item.to_dict(), seed=seed, id=f"layout{i}")) + "\n")
+
+
+def create_sampler(models, frozen, pipeline_path: str, devices):
+    """A GroundedSampler over the run's models and frozen weights (its U-Net params are set at
+    each :func:`sample_layouts`), on this host's devices."""
+    import jax
+
+    from goal_jax import sampling, weights
+    from goal_jax import text as text_lib
+
+    scheduler_config = weights.read_config(os.path.join(pipeline_path, "scheduler"),
+                                           "scheduler_config.json")
+    pipe = weights.GLIGENPipeline(
+        models.unet, None, models.vae, frozen["vae"], models.text_encoder,
+        frozen["text_encoder"], text_lib.load_tokenizer(os.path.join(pipeline_path, "tokenizer")),
+        scheduler_config, pipeline_path)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    return sampling.GroundedSampler(pipe, unet_params={}, devices=local)
+
+
+def sample_layouts(sampler, unet_params, layouts, sample_config, resolution: int):
+    """uint8 [N, H, W, 3] images of the fixed ``layouts`` with ``unet_params``."""
+    from goal_jax import sampling
+
+    sampler.set_unet_params(unet_params)
+    options = sampling.SampleOptions(
+        sampler=sample_config.sampler, num_steps=sample_config.num_steps,
+        guidance_scale=sample_config.guidance_scale, beta=sample_config.beta,
+        height=resolution, width=resolution)
+    out = sampler.sample([x.caption for x in layouts], [x.layout for x in layouts],
+                         [x.seed if x.seed is not None else i for i, x in enumerate(layouts)],
+                         options)
+    return out.images
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    """What set-up hands the loop (one place instead of closures over locals)."""
+
+    config: Any
+    workdir: str
+    mesh: Any
+    devices: list
+    global_batch: int
+    models: Any
+    train_step: Any
+    data_iter: Any
+    ckpt: Any
+    metadata: dict
+    writer: Any
+    layouts: list
+    sampler: Any = None
+
+
+def _set_up(config, workdir: str):
+    """Models, train state, data, checkpoint manager and writers of a (resumed) run."""
+    import jax
+
+    from goal_jax import checkpoints, layout
+    from goal_jax import train as train_lib
+
+    t = config.train
+    mesh, devices, global_batch, local_batch = create_mesh(config)
+    models, params = train_lib.load_models(t)
+    optimizer, lr_schedule = train_lib.make_optimizer(t)
+    state = train_lib.create_train_state(params, t, optimizer)
+    del params
+    state = train_lib.shard_state(state, mesh, t.sharding.params, t.sharding.fsdp_min_size)
+    train_step = train_lib.make_train_step(models, t, optimizer, lr_schedule, mesh=mesh,
+                                           example_state=state)
+    ckpt = checkpoints.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save, check_writable=jax.process_index() == 0)
+    data_iter = create_input_pipeline(config, models, local_batch)
+    state = restore_or_init(ckpt, state, data_iter)
+    is_main = jax.process_index() == 0
+    writer = create_writers(workdir, int(state.step), is_main)
+    if int(state.step) == 0:
+        writer.write_hparams(_flat_config(config))
+    layouts = [layout.parse_json(text, name=f"sample.layouts[{i}]")
+               for i, text in enumerate(config.sample.layouts)]
+    if is_main and layouts:
+        write_sample_layouts(os.path.join(workdir, "sample_layouts.jsonl"), layouts)
+    n_train, n_frozen = train_lib.parameter_counts(
+        train_lib.merge_params(state.params, state.frozen["unet"]), t)
+    print(f"Training {t.steps} steps from step {int(state.step)}: global batch {global_batch} "
+          f"on {mesh.devices.size} devices; U-Net params trainable {n_train:,}, frozen "
+          f"{n_frozen:,}", flush=True)
+    run = _Run(config, workdir, mesh, devices, global_batch, models, train_step, data_iter,
+               ckpt, checkpoint_metadata(config, ckpt.directory), writer, layouts)
+    return run, state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -389,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Returns:
       TrainResult. Raises NonFiniteLossError when a loss term is NaN/inf (the message names
-      the step and the last good checkpoint).
+      the step and the last good checkpoint) and CheckpointSaveError when a save fails.
     """
     import jax
 
@@ -406,228 +569,116 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config = prepare(config, workdir)
     validate_config(config)  # hub ids are folders now: the model checks run too
 
-    import numpy as np
-    from clu import metric_writers, periodic_actions
-
-    from goal_jax import checkpoints
-    from goal_jax import text as text_lib
-    from goal_jax import train as train_lib
-    from goal_jax import weights
-    from goal_jax.data import pipeline as data_pipeline
-
-    t, d = config.train, config.data
-    is_main = jax.process_index() == 0
-
-    # ------------------------------------------------------------------ mesh, models, state
-    devices = jax.devices()[: config.num_devices] if config.num_devices else jax.devices()
-    mesh = sharding_lib.create_mesh(t.sharding.data, t.sharding.fsdp, devices)
-    global_batch = t.per_device_batch_size * mesh.devices.size
-    if global_batch % jax.process_count():
-        raise ValueError(f"global batch {global_batch} is not divisible by the "
-                         f"{jax.process_count()} processes")
-    local_batch = global_batch // jax.process_count()
-
-    models, params = train_lib.load_models(t)
-    optimizer, lr_schedule = train_lib.make_optimizer(t)
-    state = train_lib.create_train_state(params, t, optimizer)
-    del params
-    state = train_lib.shard_state(state, mesh, t.sharding.params, t.sharding.fsdp_min_size)
-    train_step = train_lib.make_train_step(models, t, optimizer, lr_schedule, mesh=mesh,
-                                           example_state=state)
-
-    # ------------------------------------------------------------------ data
-    tokenizer_dir = os.path.join(t.model.pipeline, "tokenizer")
-    data_iter = data_pipeline.make_train_iterator(
-        d.data_dir, tokenizer_dir, batch_size=local_batch, resolution=d.resolution,
-        max_boxes=d.max_boxes, seed=d.seed, flip=d.flip, random_crop=d.random_crop,
-        min_box_size=d.min_box_size, source_dir=d.source or None, shuffle=d.shuffle)
-    box_masks, names = data_iter.box_masks()
-    phrase_ids, phrase_masks = data_iter.phrase_token_ids()
-    try:  # the trimmed encodings must give the loss of the full ones on every item
-        train_lib.check_box_slots(box_masks, train_lib.encoded_box_slots(t, d.max_boxes), names)
-        train_lib.check_phrase_tokens(
-            phrase_ids, phrase_masks, train_lib.encoded_phrase_tokens(t, phrase_ids.shape[-1]),
-            train_lib.phrase_eos_token_ids(models), names)
-    except ValueError as e:
-        data_iter.close()
-        raise ValueError(f"config field train.{e}") from e
-
-    # ------------------------------------------------------------------ resume
-    ckpt = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.checkpoint.max_to_keep,
-                                         async_save=config.checkpoint.async_save)
-    frozen = state.frozen
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore(state.replace(frozen=None))
-        state = restored.state.replace(frozen=frozen)
-        data_iter.set_state(data_state_of_this_process(
-            restored.data_state, f"{ckpt.directory}/{restored.step}"))
-        print(f"Resumed from {ckpt.directory}/{restored.step} (step {int(state.step)})",
-              flush=True)
-    start = int(state.step)
-    meta = {"pipeline": t.model.pipeline, "clip": t.model.clip,
-            "trainable_patterns": list(train_lib.trainable_patterns(t)),
-            "config": json.loads(config.to_json_best_effort())}
-    last_saved = ckpt.latest_step()
-
-    # ------------------------------------------------------------------ writers
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    if start == 0:
-        flat = {k: v for k, v in _flat_config(config).items()}
-        writer.write_hparams(flat)
-    n_train, n_frozen = train_lib.parameter_counts(
-        train_lib.merge_params(state.params, state.frozen["unet"]), t)
-    print(f"Training {t.steps} steps from step {start}: global batch {global_batch} on "
-          f"{mesh.devices.size} devices; U-Net params trainable {n_train:,}, frozen "
-          f"{n_frozen:,}", flush=True)
-    report = periodic_actions.ReportProgress(num_train_steps=t.steps, writer=writer,
-                                             every_steps=config.log.every_steps)
-    bar = None
-    if config.log.progress and is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
-    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") \
-        if is_main else None
-
-    sample_layouts = [layout_lib_parse(text, i) for i, text in enumerate(config.sample.layouts)]
-    if is_main and sample_layouts:  # for scripts/sample.py --jsonl (make demo)
-        with open(os.path.join(workdir, "sample_layouts.jsonl"), "w", encoding="utf-8") as f:
-            for i, item in enumerate(sample_layouts):
-                seed = item.seed if item.seed is not None else i
-                f.write(json.dumps(dict(item.to_dict(), seed=seed, id=f"layout{i}")) + "\n")
-    sampler = None
-
-    stop = _StopFlag()
-    old_handler = None
+    run, state = _set_up(config, workdir)
+    stop, old_handler = _StopFlag(), None
     if handle_sigterm:
         try:
             old_handler = signal.signal(signal.SIGTERM, stop)
         except ValueError:  # not the main thread
             handle_sigterm = False
-
-    history: dict[int, dict] = {}
-    pending: list = []
-    interval = {"t0": time.time(), "unwritten": []}
-
-    def fetch() -> None:
-        """Moves the pending (device) metrics to ``history``; raises on a non-finite value."""
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        steps = [s for s, _ in pending]
-        pending.clear()
-        for s, m in zip(steps, fetched):
-            values = {k: float(np.asarray(v)) for k, v in m.items()}
-            history[s] = values
-            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-            if bad:
-                good = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
-                        if last_saved is not None else "no checkpoint was saved")
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {s}: {', '.join(bad)} ({_fmt(values)}); the run "
-                    f"stopped, {good}")
-            interval["unwritten"].append(s)
-
-    def write(step: int) -> None:
-        """Writes the average of the metrics since the last write, steps/s and examples/s."""
-        fetch()
-        steps = interval["unwritten"]
-        if not steps:
-            return
-        mean = {k: float(np.mean([history[s][k] for s in steps])) for k in history[steps[-1]]}
-        elapsed = max(time.time() - interval["t0"], 1e-9)
-        mean["steps_per_sec"] = len(steps) / elapsed
-        mean["examples_per_sec"] = len(steps) * global_batch / elapsed
-        interval.update(t0=time.time(), unwritten=[])
-        writer.write_scalars(step, mean)
-        if jsonl is not None:
-            jsonl.write(json.dumps({"step": step, **mean}) + "\n")
-            jsonl.flush()
-
-    def save(step: int, reason: str) -> None:
-        nonlocal last_saved
-        fetch()
-        ckpt.save(step, state.replace(frozen=None),
-                  data_states_of_all_processes(data_iter.get_state()),
-                  dict(meta, reason=reason, time=time.time()))
-        last_saved = step
-
-    def sample(step: int) -> None:
-        nonlocal sampler
-        from goal_jax import sampling
-
-        unet_params = train_lib.merge_params(state.params, state.frozen["unet"])
-        if sampler is None:
-            scheduler_config = weights.read_config(os.path.join(t.model.pipeline, "scheduler"),
-                                                   "scheduler_config.json")
-            pipe = _sampler_pipeline(models, state, text_lib.load_tokenizer(tokenizer_dir),
-                                     scheduler_config, t.model.pipeline)
-            local = [x for x in devices if x.process_index == jax.process_index()]
-            sampler = sampling.GroundedSampler(pipe, unet_params=unet_params, devices=local)
-        else:
-            sampler.set_unet_params(unet_params)
-        options = sampling.SampleOptions(
-            sampler=config.sample.sampler, num_steps=config.sample.num_steps,
-            guidance_scale=config.sample.guidance_scale, beta=config.sample.beta,
-            height=d.resolution, width=d.resolution)
-        out = sampler.sample([x.caption for x in sample_layouts],
-                             [x.layout for x in sample_layouts],
-                             [x.seed if x.seed is not None else i
-                              for i, x in enumerate(sample_layouts)], options)
-        writer.write_images(step, {"samples": out.images})
-
-    stopped = "finished"
-    step = start
+    log = MetricLog(run.global_batch)
     try:
-        for step in range(start + 1, t.steps + 1):
-            batch = sharding_lib.put_batch(next(data_iter), mesh)
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = train_step(state, batch)
-            pending.append((step, metrics))
-            preempted = bool(stop) or (jax.process_count() > 1 and ckpt.reached_preemption(step))
-            stop_here = stop_at_step is not None and step >= stop_at_step
-            last = step == t.steps
-            if step % config.log.every_steps == 0 or last or preempted or stop_here:
-                write(step)  # waits for the step: the progress timing below is real
-                if bar is not None:
-                    bar.set_postfix(loss=f"{history[step]['total']:.4g}")
-            report(step)
-            if bar is not None:
-                bar.update(1)
-            every = config.checkpoint.every_steps
-            if (every and step % every == 0) or last or preempted or stop_here:
-                save(step, "preempted" if preempted else "final" if last else "periodic")
-            every = config.sample.every_steps
-            if sample_layouts and every and (step % every == 0 or last):
-                sample(step)
-            if preempted or stop_here:
-                stopped = "preempted" if preempted else "stop_at_step"
-                print(f"Stopping at step {step} ({'signal ' + str(stop.signal) if stop else stopped}"
-                      f"): checkpoint saved in {ckpt.directory}/{step}", flush=True)
-                break
+        step, stopped = _train_steps(run, state, log, stop, stop_at_step)
+    except NonFiniteLossError as e:
+        good = discard_diverged_checkpoint(run.ckpt, e.step)
+        where = (f"the last good checkpoint is step {good} in {run.ckpt.directory}"
+                 if good is not None else "no good checkpoint was saved")
+        raise NonFiniteLossError(f"{e}; the run stopped, {where}", e.step) from None
     finally:
-        ckpt.close()
-        data_iter = None  # noqa: F841 - finalize the tf.data generator while Python is alive
-        writer.flush()
-        if jsonl is not None:
-            jsonl.close()
-        if bar is not None:
-            bar.close()
+        _close(run)
         if handle_sigterm:
             signal.signal(signal.SIGTERM, old_handler if old_handler is not None
                           else signal.SIG_DFL)
     if stopped == "finished":
-        print(f"Finished {t.steps} steps; last checkpoint {ckpt.directory}/{last_saved}",
-              flush=True)
-    return TrainResult(step=step, stopped=stopped, history=history,
-                       checkpoint_step=last_saved, config=config)
+        print(f"Finished {config.train.steps} steps; last checkpoint "
+              f"{run.ckpt.directory}/{run.ckpt.latest_step()}", flush=True)
+    return TrainResult(step=step, stopped=stopped, history=log.history,
+                       checkpoint_step=run.ckpt.latest_step(), config=config)
 
 
-def layout_lib_parse(text: str, index: int):
-    from goal_jax import layout as layout_lib
+def _train_steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step):
+    """The loop proper: step, log, checkpoint, sample, preemption. Returns (step, stopped)."""
+    from clu import periodic_actions
 
-    return layout_lib.parse_json(text, name=f"sample.layouts[{index}]")
+    config = run.config
+    steps, start = config.train.steps, int(state.step)
+    report = periodic_actions.ReportProgress(num_train_steps=steps,
+                                             every_steps=config.log.every_steps)
+    bar = _progress_bar(config, start)
+    try:
+        return _steps(run, state, log, stop, stop_at_step, report, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, report, bar):
+    import jax
+
+    from goal_jax import sharding as sharding_lib
+    from goal_jax import train as train_lib
+
+    config, ckpt = run.config, run.ckpt
+    steps, start = config.train.steps, int(state.step)
+    step = start
+    for step in range(start + 1, steps + 1):
+        batch = sharding_lib.put_batch(next(run.data_iter), run.mesh)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = run.train_step(state, batch)
+        log.add(step, metrics)
+        ckpt.check_for_errors()  # a failed background save stops the run now
+        preempted = bool(stop) or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+        stop_here = stop_at_step is not None and step >= stop_at_step
+        last = step == steps
+        if step % config.log.every_steps == 0 or last or preempted or stop_here:
+            summary = log.interval()  # waits for the step: the progress timing is real
+            if summary is not None:
+                run.writer.write_scalars(step, summary)
+            if bar is not None:
+                bar.set_postfix(loss=f"{log.history[step]['total']:.4g}")
+        report(step)
+        if bar is not None:
+            bar.update(1)
+        every = config.checkpoint.every_steps
+        if (every and step % every == 0) or last or preempted or stop_here:
+            log.fetch()  # never save the weights of a step whose loss is not finite
+            save_checkpoint(ckpt, step, state, run.data_iter, run.metadata,
+                            "preempted" if preempted else "final" if last else "periodic")
+        every = config.sample.every_steps
+        if run.layouts and every and (step % every == 0 or last):
+            if run.sampler is None:
+                run.sampler = create_sampler(run.models, state.frozen,
+                                             config.train.model.pipeline, run.devices)
+            unet_params = train_lib.merge_params(state.params, state.frozen["unet"])
+            run.writer.write_images(step, {"samples": sample_layouts(
+                run.sampler, unet_params, run.layouts, config.sample, config.data.resolution)})
+        if preempted or stop_here:
+            why = f"signal {stop.signal}" if stop else "stop_at_step"
+            print(f"Stopping at step {step} ({why}): checkpoint saved in "
+                  f"{ckpt.directory}/{step}", flush=True)
+            return step, "preempted" if preempted else "stop_at_step"
+    return step, "finished"
+
+
+def _progress_bar(config, start: int):
+    import jax
+
+    if not (config.log.progress and jax.process_index() == 0 and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.train.steps, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _close(run: _Run) -> None:
+    """Waits for the last save, releases the tf.data iterator (no finalization warning at exit)
+    and flushes the writers; a failed save raises CheckpointSaveError here."""
+    run.data_iter.close()
+    try:
+        run.ckpt.close()
+    finally:
+        run.writer.flush()
+        run.writer.close()
 
 
 def _flat_config(config, prefix: str = "") -> dict:

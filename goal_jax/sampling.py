@@ -29,6 +29,11 @@ not recompile. The batch axis is sharded over a 1-D
 ``("data",)`` mesh of the given devices (batches are padded to a multiple of the device count);
 parameters are replicated. Single-process only (each process would need its own slice of the
 batch on a multi-host mesh).
+
+Outputs are checked: images with a NaN or infinite value (damaged or diverged weights) raise
+:class:`NonFiniteSampleError` naming the items instead of becoming black PNGs, and captions or
+phrases longer than CLIP's 77 tokens warn (:class:`TextTruncatedWarning`) with their token
+count before they are cut, as diffusers' pipelines do.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -54,6 +60,30 @@ TEXT_LENGTH = 77
 # inputs, so samplers with other weights of the same architecture share the programs.
 _PROGRAMS: dict[tuple, Any] = {}
 _TRACE_COUNT = [0]
+
+
+class NonFiniteSampleError(ValueError):
+    """The sampled images hold NaN or infinite values (the weights are damaged or diverged)."""
+
+
+class TextTruncatedWarning(UserWarning):
+    """A caption or phrase is longer than the text encoder's 77 tokens and is cut."""
+
+
+def warn_long_texts(tokenizer, texts: Sequence[str], what: str,
+                    max_length: int = TEXT_LENGTH) -> list[int]:
+    """Warns (TextTruncatedWarning) for every text of more than ``max_length`` tokens (BOS and
+    EOS included), naming it and its token count; returns the indices of those texts."""
+    long = []
+    if not texts:
+        return long
+    for i, ids in enumerate(tokenizer(list(texts))["input_ids"]):
+        if len(ids) > max_length:
+            long.append(i)
+            warnings.warn(f"{what} {i} ({texts[i][:60]!r}...) has {len(ids)} tokens; the text "
+                          f"encoder reads the first {max_length}, the rest is cut",
+                          TextTruncatedWarning, stacklevel=3)
+    return long
 
 
 def trace_count() -> int:
@@ -246,6 +276,8 @@ class GroundedSampler:
         if noise.shape != expected:
             raise ValueError(f"sample: noise must have shape {expected}, got {noise.shape}")
 
+        warn_long_texts(self.tokenizer, captions, "caption")
+        warn_long_texts(self.tokenizer, [p for x in layouts for p in x.phrases], "phrase")
         slots = self.max_boxes if self.grounded else 0  # no phrase encoding without GLIGEN
         boxes, masks, phrases = layout_lib.pad_layouts(layouts, slots)
         caption_ids = text_lib.tokenize(self.tokenizer, captions, TEXT_LENGTH)
@@ -288,6 +320,12 @@ class GroundedSampler:
         images_float = np.asarray(images_float)[:batch]
         images = np.asarray(images)[:batch]
         run_s = time.perf_counter() - start
+        bad = [i for i in range(batch) if not np.all(np.isfinite(images_float[i]))]
+        if bad:
+            raise NonFiniteSampleError(
+                f"sample: {len(bad)} of {batch} images hold NaN or infinite values (items "
+                f"{bad[:10]}, captions {[captions[i][:40] for i in bad[:3]]}): the U-Net, VAE "
+                "or text-encoder weights are damaged or diverged")
         return SampleOutput(images, images_float, seeds, compile_s, run_s)
 
     # -- the compiled program --------------------------------------------------------------

@@ -21,56 +21,8 @@ Parameters stay float32; the compute dtype and remat are module options (:func:`
 Frozen parameters (the rest of the U-Net, VAE, text encoder, CLIP) have no optimizer state, are
 passed to the jitted step separately from the donated train state and are never changed.
 
-Config fields read here (``default_train_config()``; configs/goal.py builds on it):
-
-  seed                    int, PRNG seed of the train state (t, eps, dropout draws).
-  alpha                   float, weight α of L_DSA (eq. 15), 1e-2.
-  beta                    float, weight β of L_MAA (eq. 15), 1e-3.
-  dsa_local, dsa_global   bool, the Table 6 switches of D_local / D_global.
-  dsa_region              "mask" (x̂0·M_i, the paper) or "crop" (crop-and-resize the box).
-  clip_mean, clip_std     3-tuples, CLIP pixel normalisation for DSAlign.
-  maa_part                "down" | "mid" | "up": the U-Net part of the MAAlign layers.
-  maa_resolution          int, the side of their attention grid (16: SD-1.4 decoder 16x16).
-  maa_layers              tuple of module-path prefixes; non-empty overrides part/resolution.
-  caption_dropout         float in [0, 1), probability of the empty caption per item.
-  grounding_dropout       float in [0, 1), probability of the null grounding per item.
-  gligen_scale            float, multiplies the gated self-attention residuals (1 = on).
-  encoded_box_slots       int K, 0 = all N: the phrase encoders and the DSAlign CLIP run on
-                          the first K box slots only. Padded slots' encodings are never used
-                          (GLIGEN replaces them by its null features, DSAlign masks them), so
-                          while every real box sits in the first K slots the loss and the
-                          gradients equal those of K = N; a batch with a real box in a slot
-                          >= K is an error (:func:`check_box_slots`; the data pipeline packs
-                          real boxes first, the training program checks the dataset at start).
-  encoded_phrase_tokens   int L, 0 = all 77: the phrase encoders see the first L tokens of each
-                          phrase. Only the pooled (EOS) state of a phrase is used and CLIP's text
-                          attention is causal, so while every real phrase's EOS sits in the
-                          first L tokens the result is exactly that of L = 77; otherwise an
-                          error (:func:`check_phrase_tokens`, checked like encoded_box_slots).
-  dtype                   "float32" | "bfloat16": compute dtype of all models.
-  remat                   bool, gradient checkpointing of U-Net, VAE decoder and CLIP blocks.
-  frozen_dtype            "float32" | "bfloat16": storage dtype of the frozen parameters
-                          (cast once by :func:`create_train_state`; trainable parameters and
-                          AdamW state stay float32). With dtype="bfloat16" the modules cast
-                          weights to bf16 anyway, so bf16 storage computes the same and halves
-                          the frozen weights' memory.
-  trainable_patterns      tuple of regexes (re.search) on U-Net parameter paths joined with
-                          "/" (e.g. "up_blocks_1/attentions_0/transformer_blocks_0/attn2/to_q/
-                          kernel"); default the paper's fusers + attn1 + attn2.
-  train_position_net      bool, also train the GLIGEN position net.
-  optimizer.learning_rate float, peak learning rate (5e-5, constant by default).
-  optimizer.warmup_steps  int, linear warm-up from 0 over this many updates (0 = none).
-  optimizer.weight_decay  float, AdamW decoupled weight decay (0.0, as GLIGEN).
-  optimizer.b1, b2, eps   AdamW moments and epsilon (0.9, 0.999, 1e-8: torch's defaults).
-  optimizer.grad_clip_norm  float, clip by global norm when > 0.
-  optimizer.grad_accum_steps  int, optax.MultiSteps accumulation (1 = off).
-  sharding.data, sharding.fsdp  mesh axis sizes (data=-1: all devices / fsdp).
-  sharding.params         "replicated" | "fsdp": parameter / optimizer-state sharding.
-  sharding.fsdp_min_size  int, arrays smaller than this stay replicated under "fsdp".
-  sharding.distributed    bool, call jax.distributed.initialize (multi-host).
-                          (data / fsdp / distributed are read by sharding.mesh_from_config.)
-  model.pipeline          str, diffusers GLIGEN pipeline folder (unet/ vae/ text_encoder/ ...).
-  model.clip              str, Hugging Face CLIPModel folder (the DSAlign CLIP, ViT-L/14).
+Config: the ``train`` section of configs/goal.py (every field and its default documented
+there); :func:`default_train_config` returns the paper's.
 """
 
 from __future__ import annotations
@@ -98,36 +50,20 @@ BATCH_KEYS = ("images", "input_ids", "phrase_input_ids", "boxes", "masks", "phra
 
 
 def default_train_config() -> ml_collections.ConfigDict:
-    """The paper's setting (see the module docstring for every field)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.alpha = 1e-2
-    c.beta = 1e-3
-    c.dsa_local = True
-    c.dsa_global = True
-    c.dsa_region = "mask"
-    c.clip_mean = objectives.CLIP_MEAN
-    c.clip_std = objectives.CLIP_STD
-    c.maa_part = "up"
-    c.maa_resolution = 16
-    c.maa_layers = ()
-    c.caption_dropout = 0.0
-    c.grounding_dropout = 0.0
-    c.gligen_scale = 1.0
-    c.encoded_box_slots = 0
-    c.encoded_phrase_tokens = 0
-    c.dtype = "float32"
-    c.remat = False
-    c.frozen_dtype = "float32"
-    c.trainable_patterns = PAPER_TRAINABLE
-    c.train_position_net = False
-    c.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=5e-5, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-        grad_clip_norm=0.0, grad_accum_steps=1))
-    c.sharding = ml_collections.ConfigDict(dict(
-        data=-1, fsdp=1, params="replicated", fsdp_min_size=2 ** 14, distributed=False))
-    c.model = ml_collections.ConfigDict(dict(pipeline="", clip=""))
-    return c
+    """The ``train`` section of configs/goal.py's paper preset, where every default lives (for
+    code that builds a train step without a whole run config: tests, benchmarks)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        "goal.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"default_train_config reads {path}, which is missing (goal_jax "
+                                "runs from its checkout: pip install -e .)")
+    spec = importlib.util.spec_from_file_location("_goal_config_defaults", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("paper").train
 
 
 # ==============================================================================================
@@ -183,7 +119,6 @@ def load_models(config) -> tuple[GoalModels, dict]:
     params = {"unet", "vae", "text_encoder", "clip"} (float32)."""
     import os
 
-    from goal_jax import checkpoints
     from goal_jax import text as text_lib
     from goal_jax import weights
     from goal_jax.models import unet as unet_lib
@@ -194,10 +129,10 @@ def load_models(config) -> tuple[GoalModels, dict]:
                                                            source=unet_dir)
     layers = maa_layers(config, unet_config) if config.beta else ()
     # Either form of model folder: diffusers safetensors, or orbax params from scripts/convert.py.
-    pipe = checkpoints.load_pipeline(config.model.pipeline, dtype=dtype, remat=config.remat,
-                                     attention_maps=layers, require_grounding=True)
-    clip, clip_params = checkpoints.load_component(config.model.clip, "clip", dtype=dtype,
-                                                   remat=config.remat)
+    pipe = weights.load_pipeline(config.model.pipeline, dtype=dtype, remat=config.remat,
+                                 attention_maps=layers, require_grounding=True)
+    clip, clip_params = weights.load_component(config.model.clip, "clip", dtype=dtype,
+                                               remat=config.remat)
     null_ids = text_lib.tokenize(pipe.tokenizer, [""])[0]
     vae = pipe.vae.clone(remat=config.remat)  # DSAlign backpropagates through the decoder
     models = GoalModels(pipe.unet, vae, pipe.text_encoder, clip,

@@ -1,9 +1,19 @@
-"""Checkpoint I/O: Hugging Face / diffusers folders <-> Flax parameter trees.
+"""The one loading API: model folders and training checkpoints -> Flax parameter trees.
 
-A folder holds ``config.json`` and the weights as ``model.safetensors`` (transformers),
-``diffusion_pytorch_model.safetensors`` (diffusers), a sharded ``*.safetensors.index.json``,
-an ``.fp16`` variant of any of these, or a legacy ``pytorch_model.bin`` /
-``diffusion_pytorch_model.bin`` (read only when torch is importable).
+* :func:`load_pipeline` (a GLIGEN pipeline folder), :func:`load_component` (one model folder
+  of a given kind) and the per-model loaders (:func:`load_unet`, :func:`load_vae`,
+  :func:`load_clip_text`, :func:`load_clip`) read both folder forms goal_jax writes;
+* :func:`load_trained_unet` merges a GOAL training checkpoint's trained U-Net parameters over
+  the base pipeline's U-Net (params only, never the optimizer state);
+* :func:`save_unet`, :func:`save_params`: export to diffusers safetensors / orbax ``params/``.
+
+Folder forms. A Hugging Face / diffusers folder holds ``config.json`` and the weights as
+``model.safetensors`` (transformers), ``diffusion_pytorch_model.safetensors`` (diffusers), a
+sharded ``*.safetensors.index.json``, an ``.fp16`` variant of any of these, or a legacy
+``pytorch_model.bin`` / ``diffusion_pytorch_model.bin`` (read only when torch is importable).
+An orbax folder (``scripts/convert.py to-orbax``: faster start-up) holds the same
+``config.json`` and ``params/``, an orbax checkpoint of the Flax tree. A pipeline folder holds
+``unet/ vae/ text_encoder/`` in either form plus ``tokenizer/ scheduler/``.
 
 Conversion is a mechanical rename because our Flax modules mirror the PyTorch names:
 
@@ -300,8 +310,10 @@ _DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
 
 
 def _load(path, module, stems, *, ignore=(), rename=None, variant=None):
-    """Builds params for ``module`` from the weights in ``path`` (strict)."""
+    """Builds params for ``module`` from the weights in ``path``, either form (strict)."""
     shapes = param_shapes(module, *module.dummy_inputs())
+    if is_orbax_folder(path):
+        return to_device(load_params(os.path.join(path, PARAMS_DIR), shapes, source=path))
     state = read_state_dict(path, stems, variant=variant)
     if rename is not None:
         state = rename(state)
@@ -310,7 +322,7 @@ def _load(path, module, stems, *, ignore=(), rename=None, variant=None):
 
 
 def load_clip(path: str, dtype=jnp.float32, variant: str | None = None, remat: bool = False):
-    """Hugging Face ``CLIPModel`` folder -> (goal_jax CLIPModel, params)."""
+    """Hugging Face ``CLIPModel`` folder (or its orbax form) -> (goal_jax CLIPModel, params)."""
     from goal_jax.models import clip as clip_lib
 
     config = clip_lib.CLIPConfig.from_dict(read_config(path), source=path)
@@ -364,12 +376,17 @@ def check_grounding(unet_config, path: str) -> None:
         )
 
 
+COMPONENT_KINDS = ("unet", "vae", "text_encoder", "clip")
+
+
 def load_component(path: str, kind: str, dtype=jnp.float32, **module_options):
-    """(module, params) of one pipeline component folder; kind: unet | vae | text_encoder | clip."""
+    """(module, params) of one model folder in either form; kind: unet | vae | text_encoder |
+    clip. ``module_options`` go to the loader (U-Net: remat, attention_maps,
+    require_grounding; others: remat; all: variant)."""
     loaders = {"unet": load_unet, "vae": load_vae, "text_encoder": load_clip_text,
                "clip": load_clip}
     if kind not in loaders:
-        raise CheckpointError(f"unknown model kind {kind!r}; expected one of {sorted(loaders)}")
+        raise CheckpointError(f"unknown model kind {kind!r}; expected one of {COMPONENT_KINDS}")
     return loaders[kind](path, dtype=dtype, **module_options)
 
 
@@ -400,21 +417,17 @@ def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
     """diffusers ``StableDiffusionGLIGENPipeline`` folder (``unet/ vae/ text_encoder/ tokenizer/
     scheduler/``) -> :class:`GLIGENPipeline`.
 
-    ``component_loader(path, kind, dtype, **options) -> (module, params)`` reads each model
-    folder (default :func:`load_component`; goal_jax.checkpoints passes one that also reads
-    orbax folders). ``unet_options`` go to the U-Net loader.
+    Each model folder may be in either form (safetensors or orbax ``params/``).
+    ``component_loader(path, kind, dtype, **options) -> (module, params)`` replaces
+    :func:`load_component`. ``unet_options`` go to the U-Net loader.
     """
     from goal_jax import text as text_lib
 
-    if not os.path.isdir(path):
-        raise CheckpointError(f"pipeline folder not found: {path}")
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not os.path.isdir(os.path.join(path, sub)):
-            raise CheckpointError(f"pipeline folder {path} has no {sub}/ subfolder")
+    check_pipeline_folder(path)
     if component_loader is None:
         component_loader = functools.partial(load_component, variant=variant)
     unet, unet_params = component_loader(os.path.join(path, "unet"), "unet", dtype,
-                                         **unet_options)
+                                         **unet_options)  # each loader reads either form
     vae, vae_params = component_loader(os.path.join(path, "vae"), "vae", dtype)
     text_encoder, text_params = component_loader(os.path.join(path, "text_encoder"),
                                                  "text_encoder", dtype)
@@ -422,3 +435,153 @@ def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
     scheduler_config = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
     return GLIGENPipeline(unet, unet_params, vae, vae_params, text_encoder, text_params,
                           tokenizer, scheduler_config, path)
+
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(path: str) -> None:
+    """Raises CheckpointError unless ``path`` is a folder with every pipeline subfolder."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"pipeline folder not found: {path}")
+    missing = [sub for sub in PIPELINE_PARTS if not os.path.isdir(os.path.join(path, sub))]
+    if missing:
+        raise CheckpointError(f"pipeline folder {path} has no {'/, '.join(missing)}/ "
+                              f"subfolder{'s' if len(missing) > 1 else ''} (a diffusers GLIGEN "
+                              f"pipeline has {', '.join(p + '/' for p in PIPELINE_PARTS)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Orbax model folders (scripts/convert.py to-orbax): <model>/config.json + <model>/params/.
+# ----------------------------------------------------------------------------------------------
+
+PARAMS_DIR = "params"
+
+
+def is_orbax_folder(path: str) -> bool:
+    """True when ``path`` holds an orbax ``params/`` checkpoint (next to its config.json)."""
+    return os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def save_params(folder: str, params) -> None:
+    """Writes a params tree as an orbax checkpoint at ``folder`` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    if os.path.exists(folder):
+        raise FileExistsError(f"{folder} already exists; remove it or choose another output")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(folder), params)
+    checkpointer.wait_until_finished()
+
+
+def load_params(folder: str, shapes, source: str | None = None):
+    """Reads an orbax params checkpoint strictly against ``shapes`` (a tree of arrays or
+    ShapeDtypeStructs): missing, unexpected and mis-shaped arrays raise CheckpointError, and
+    so do non-finite values."""
+    import orbax.checkpoint as ocp
+
+    from goal_jax import checkpoints
+
+    folder = os.path.abspath(folder)
+    source = source or folder
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"orbax params folder not found: {folder}")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        meta = checkpointer.metadata(folder)
+    except Exception as e:  # orbax raises several types for unreadable folders
+        raise CheckpointError(f"cannot read orbax params in {folder}: {e}") from e
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    checkpoints.check_tree(tree, shapes, source, "the model")
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), shapes)
+    try:
+        params = checkpointer.restore(folder, target)
+    except Exception as e:  # damaged files
+        raise CheckpointError(f"cannot read orbax params in {folder}: {e}") from e
+    checkpoints.check_finite(params, source)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints (goal_jax.checkpoints): the trained U-Net over its base.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_trained_unet(checkpoint: str, base_params, step: int | None = None):
+    """U-Net parameters of a GOAL training checkpoint, merged over the base U-Net's.
+
+    Args:
+      checkpoint: a training checkpoint directory (``<workdir>/checkpoints``).
+      base_params: the base pipeline's U-Net params (``load_pipeline(...).unet_params``).
+      step: the checkpoint step (default: the latest).
+
+    Reads ``<checkpoint>/<step>/state``'s ``params`` (the trainable U-Net leaves of
+    ``goal_jax.train.TrainState``) alone: the optimizer state is never read. Every leaf must
+    name a base U-Net parameter of the same shape and be finite.
+
+    Returns:
+      (params, info): the merged tree (float32 jax arrays) and {"step", "replaced" (trained
+      leaf count), "total" (U-Net leaf count), "metadata" (the checkpoint's JSON metadata)}.
+
+    Raises:
+      CheckpointError: no such folder or step, names or shapes that differ, non-finite values.
+    """
+    from goal_jax import checkpoints
+
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
+    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
+    try:
+        try:
+            step = manager.resolve_step(step)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from e
+        trained = manager.restore_params(step)
+        metadata = manager.restore_metadata(step)
+    finally:
+        manager.close()
+    base = traverse_util.flatten_dict(_unfreeze(base_params))
+    flat = traverse_util.flatten_dict(_unfreeze(trained))
+    unknown = sorted("/".join(k) for k in flat if k not in base)
+    shapes = sorted(f"{'/'.join(k)}: checkpoint {tuple(np.shape(v))}, U-Net "
+                    f"{tuple(base[k].shape)}" for k, v in flat.items()
+                    if k in base and tuple(np.shape(v)) != tuple(base[k].shape))
+    if unknown or shapes:
+        raise CheckpointError(
+            f"checkpoint {checkpoint}/{step} does not match the base U-Net: {len(unknown)} "
+            f"unknown parameters {unknown[:5]}, {len(shapes)} shape mismatches {shapes[:5]}")
+    merged = dict(base)
+    merged.update({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+    info = {"step": int(step), "replaced": len(flat), "total": len(base), "metadata": metadata}
+    return traverse_util.unflatten_dict(merged), info
+
+
+def base_pipeline_of(checkpoint: str, step: int | None = None) -> str:
+    """The base pipeline folder a training checkpoint was trained from: its metadata's
+    ``pipeline_relative`` path taken from the checkpoint folder (right for a moved or copied
+    workdir, e.g. the demo models inside it), else its absolute ``pipeline`` path. Raises
+    CheckpointError when neither exists."""
+    from goal_jax import checkpoints
+
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
+    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
+    try:
+        try:
+            meta = manager.restore_metadata(step)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from e
+    finally:
+        manager.close()
+    candidates = []
+    if meta.get("pipeline_relative"):
+        candidates.append(os.path.normpath(os.path.join(os.path.abspath(checkpoint),
+                                                        meta["pipeline_relative"])))
+    if meta.get("pipeline"):
+        candidates.append(meta["pipeline"])
+    for path in candidates:
+        if os.path.isdir(path):
+            return path
+    raise CheckpointError(f"checkpoint {checkpoint} names its base pipeline as "
+                          f"{candidates or 'nothing'}, which does not exist here; give the base "
+                          "pipeline folder explicitly")

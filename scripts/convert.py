@@ -1,7 +1,8 @@
 """Checkpoint conversion between Hugging Face / diffusers folders and orbax.
 
 Hugging Face / diffusers folder -> orbax params (fast start-up: no safetensors parsing, no
-PyTorch-layout transposes; goal_jax.checkpoints.load_pipeline / load_component read it)::
+PyTorch-layout transposes; goal_jax.weights.load_pipeline / load_component read it, and so do
+scripts/train.py, sample.py and evaluate.py)::
 
     python scripts/convert.py to-orbax --src /models/gligen-1-4-generation-text-box \\
         --dst /models/gligen-orbax
@@ -15,8 +16,9 @@ folder that diffusers' ``StableDiffusionGLIGENPipeline.from_pretrained`` loads::
         [--src /models/gligen-1-4-generation-text-box] --dst /models/goal-gligen
 
 With ``--checkpoint`` the U-Net is the base pipeline's (``--src``, default: the pipeline the
-run trained from, read from the checkpoint metadata) with the trained parameters of the
-checkpoint put in (``weights.save_unet``); the VAE, text encoder, tokenizer, scheduler and
+run trained from, found from the checkpoint folder as ``weights.base_pipeline_of`` says, so a
+moved workdir still works) with the trained parameters of the checkpoint put in
+(``weights.load_trained_unet``: params only, never the optimizer state); the VAE, text encoder, tokenizer, scheduler and
 model_index.json are copied unchanged (safetensors folders byte for byte; orbax components are
 written back as safetensors).
 
@@ -96,14 +98,14 @@ def _config_files(folder: str) -> list[str]:
 
 def model_to_orbax(src: str, dst: str, kind: str | None = None) -> str:
     """One model folder (safetensors) -> ``dst`` with its JSON configs + orbax ``params/``."""
-    from goal_jax import checkpoints
+    from goal_jax import weights
 
     kind = kind or model_kind(src)
-    _, params = checkpoints.load_component(src, kind)
+    _, params = weights.load_component(src, kind)
     os.makedirs(dst, exist_ok=True)
     for name in _config_files(src):
         shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
-    checkpoints.save_params(os.path.join(dst, checkpoints.PARAMS_DIR), params)
+    weights.save_params(os.path.join(dst, weights.PARAMS_DIR), params)
     return kind
 
 
@@ -127,13 +129,13 @@ def to_orbax(src: str, dst: str) -> list[str]:
 def model_to_diffusers(src: str, dst: str, kind: str | None = None, params=None) -> None:
     """One model folder (either form) -> safetensors folder ``dst``. ``params`` (Flax tree)
     replaces the folder's parameters (e.g. a trained U-Net)."""
-    from goal_jax import checkpoints, weights
+    from goal_jax import weights
 
     kind = kind or model_kind(src)
-    if params is None and not checkpoints.is_orbax_folder(src):
+    if params is None and not weights.is_orbax_folder(src):
         shutil.copytree(src, dst)  # already diffusers / HF: byte for byte
         return
-    module, loaded = checkpoints.load_component(src, kind)
+    module, loaded = weights.load_component(src, kind)
     params = loaded if params is None else params
     os.makedirs(dst, exist_ok=True)
     for name in _config_files(src):
@@ -145,66 +147,23 @@ def model_to_diffusers(src: str, dst: str, kind: str | None = None, params=None)
                                   weights.read_config(src), STEMS[kind])
 
 
-def trained_unet_params(checkpoint_dir: str, base_params, step: int | None = None):
-    """(U-Net params = base with the checkpoint's trained leaves put in, step, metadata,
-    number of trained tensors)."""
-    import numpy as np
-    from flax import traverse_util
-
-    from goal_jax import checkpoints
-
-    if not os.path.isdir(checkpoint_dir):
-        raise ConvertError(f"--checkpoint folder not found: {checkpoint_dir}")
-    manager = checkpoints.CheckpointManager(checkpoint_dir, async_save=False)
-    try:
-        step = manager.resolve_step(step)
-        tree = manager.restore_arrays(step)
-        meta = manager.restore_metadata(step)
-    finally:
-        manager.close()
-    trained = tree.get("params") if isinstance(tree, dict) else None
-    if not isinstance(trained, dict) or not trained:
-        raise ConvertError(f"checkpoint {checkpoint_dir}/{step} holds no trained U-Net params "
-                           f"('params'); it holds {sorted(tree) if isinstance(tree, dict) else tree}")
-    base = traverse_util.flatten_dict(dict(base_params))
-    flat = traverse_util.flatten_dict(trained)
-    unknown = ["/".join(k) for k in flat if k not in base]
-    shapes = [f"{'/'.join(k)}: checkpoint {np.shape(v)}, U-Net {tuple(base[k].shape)}"
-              for k, v in flat.items() if k in base and np.shape(v) != tuple(base[k].shape)]
-    if unknown or shapes:
-        raise ConvertError(
-            f"checkpoint {checkpoint_dir}/{step} does not match the base U-Net: "
-            f"{len(unknown)} unknown parameters {unknown[:5]}, {len(shapes)} shape mismatches "
-            f"{shapes[:5]}")
-    base.update({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    return traverse_util.unflatten_dict(base), step, meta, len(flat)
-
-
 def to_diffusers(src: str | None, dst: str, checkpoint: str | None = None,
                  step: int | None = None) -> dict:
     """Orbax / diffusers folder (or a training checkpoint over its base pipeline) -> a
     diffusers folder in ``dst``. Returns {"src", "step", "trained"} (trained = number of
     U-Net tensors taken from the checkpoint)."""
-    from goal_jax import checkpoints
+    from goal_jax import weights
 
     info = {"src": src, "step": None, "trained": 0}
     unet_params = None
     if checkpoint is not None:
         if src is None:
-            manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
-            try:
-                src = manager.restore_metadata(step).get("pipeline")
-            finally:
-                manager.close()
-            if not src:
-                raise ConvertError(f"checkpoint {checkpoint} does not name its base pipeline; "
-                                   "pass --src")
-            info["src"] = src
+            src = info["src"] = weights.base_pipeline_of(checkpoint, step)
         if not os.path.isdir(src) or not is_pipeline(src):
             raise ConvertError(f"base pipeline folder not found or has no unet/: {src}")
-        _, base = checkpoints.load_component(os.path.join(src, "unet"), "unet")
-        unet_params, info["step"], _, info["trained"] = trained_unet_params(checkpoint, base,
-                                                                            step)
+        _, base = weights.load_component(os.path.join(src, "unet"), "unet")
+        unet_params, found = weights.load_trained_unet(checkpoint, base, step)
+        info["step"], info["trained"] = found["step"], found["replaced"]
     if src is None or not os.path.isdir(src):
         raise ConvertError(f"--src folder not found: {src}")
     _check_dst(dst)

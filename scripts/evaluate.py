@@ -224,17 +224,21 @@ def load_generator(args):
 
     from goal_jax import sampling, weights
     from goal_jax.evaluation import generate
-    from scripts import sample as sample_script
 
     options = sampling.SampleOptions(sampler=args.sampler, num_steps=args.steps,
                                      guidance_scale=args.cfg, beta=args.beta,
                                      height=args.height, width=args.width)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    pipe = weights.load_pipeline(args.pretrained, dtype=dtype)
-    unet_params, info = None, None
-    if args.checkpoint is not None:
-        unet_params, info = sample_script.load_checkpoint_unet(args.checkpoint, pipe.unet_params,
-                                                               args.checkpoint_step)
+    try:  # either pipeline form (safetensors / orbax); the checkpoint's params only
+        pipe = weights.load_pipeline(args.pretrained, dtype=dtype)
+        unet_params, info = None, None
+        if args.checkpoint is not None:
+            unet_params, info = weights.load_trained_unet(args.checkpoint, pipe.unet_params,
+                                                          args.checkpoint_step)
+            info = {k: v for k, v in info.items() if k != "metadata"}
+    except weights.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     devices = jax.devices()
     if args.num_devices is not None:
         devices = devices[:args.num_devices]

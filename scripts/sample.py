@@ -21,16 +21,18 @@ number skipped is printed); ``--overwrite`` samples them again. Items without a 
 get ``--seed`` (single item) or ``--seed + N - 1`` (JSONL line N), so reruns agree.
 
 Layouts are validated before any model is loaded; errors name the item (``--layout``,
-``<file> line N``).
+``<file> line N``). A JSONL file with bad lines samples every good line, then lists every bad
+line with its number and exits 2.
 
-Checkpoints. ``--pretrained`` is always the diffusers GLIGEN pipeline folder (VAE, text
-encoder, tokenizer, scheduler and the base U-Net). ``--checkpoint`` is a training checkpoint
-directory written by ``goal_jax.checkpoints.CheckpointManager`` (``<dir>/<step>/state``; latest
-step unless ``--checkpoint_step``); its state tree must hold the U-Net parameters (Flax names)
-under one of ``["unet"]``, ``["params"]["unet"]`` or ``["params"]``: the full tree, or a
-subset of its leaves, which replace the corresponding ``--pretrained`` U-Net parameters.
-``goal_jax.train.TrainState`` checkpoints (``params`` = the trainable U-Net leaves) are the
-``["params"]`` case. See :func:`load_checkpoint_unet`.
+Checkpoints. ``--pretrained`` is the GLIGEN pipeline folder (VAE, text encoder, tokenizer,
+scheduler and the base U-Net), in either form goal_jax reads (diffusers safetensors, or the
+orbax folders of ``scripts/convert.py to-orbax``). ``--checkpoint`` is a training checkpoint
+directory (``<workdir>/checkpoints``; latest step unless ``--checkpoint_step``): its trained
+U-Net parameters replace those of the base U-Net (``goal_jax.weights.load_trained_unet``: the
+parameters only, never the optimizer state; non-finite values are refused).
+
+Exit codes: 0 done; 1 the sampler produced non-finite images (damaged or diverged weights);
+2 bad arguments, layouts, folders or checkpoints (one line naming the item).
 """
 
 from __future__ import annotations
@@ -111,26 +113,51 @@ class Item:
     source: str
 
 
-def collect_items(args) -> list[Item]:
-    """The items of ``--caption/--layout`` or ``--jsonl``, validated (errors name the item)."""
+def read_jsonl_items(path: str, first_seed: int) -> tuple[list[Item], list[str]]:
+    """(good items, one message per bad line) of a JSONL file. Every line is read: a bad line
+    (malformed JSON, an invalid layout, a seed out of range, an id used before) is reported
+    with its line number and the other lines are kept. Items without a seed get
+    ``first_seed + N - 1`` (line N)."""
+    items, errors, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:  # columns of this line, not of the file
+                    raise layout_lib.LayoutError(f"{where}: malformed JSON: {e.msg} at column "
+                                                 f"{min(e.pos + 1, len(line.rstrip()) + 1)}")
+                item = layout_lib.parse_item(obj, where)
+                name = item.id or f"line{lineno:05d}"
+                if name in seen:
+                    raise layout_lib.LayoutError(f"{where}: id {name!r} already used on line "
+                                                 f"{seen[name]}")
+                seed = item.seed if item.seed is not None else first_seed + lineno - 1
+                items.append(Item(name, item.caption, item.layout, _check_seed(seed, where),
+                                  where))
+                seen[name] = lineno
+            except layout_lib.LayoutError as e:
+                errors.append(str(e))
+    return items, errors
+
+
+def collect_items(args) -> tuple[list[Item], list[str]]:
+    """(items, errors) of ``--caption/--layout`` or ``--jsonl``, validated: a bad single item
+    raises LayoutError; bad JSONL lines are listed in ``errors`` (the good ones are items)."""
     if args.jsonl is not None:
         if args.layout is not None:
             raise layout_lib.LayoutError("--layout goes with --caption; --jsonl items carry "
                                          "their own phrases and boxes")
         if not os.path.isfile(args.jsonl):
             raise layout_lib.LayoutError(f"--jsonl: no such file: {args.jsonl}")
-        items = []
-        for lineno, item in layout_lib.read_jsonl(args.jsonl):
-            seed = item.seed if item.seed is not None else args.seed + lineno - 1
-            items.append(Item(item.id or f"line{lineno:05d}", item.caption, item.layout,
-                              _check_seed(seed, f"{args.jsonl} line {lineno}"),
-                              f"{args.jsonl} line {lineno}"))
-        names = [it.name for it in items]
-        clash = sorted({n for n in names if names.count(n) > 1})
-        if clash:
-            raise layout_lib.LayoutError(f"{args.jsonl}: ids {clash} are used by more than one "
-                                         "item (ids and the default names line<N> clash)")
-        return items
+        items, errors = read_jsonl_items(args.jsonl, args.seed)
+        if not items:
+            raise layout_lib.LayoutError("\n".join(errors) if errors else
+                                         f"{args.jsonl}: no item (the file is empty)")
+        return items, errors
     if args.layout is None:
         from goal_jax import planner
 
@@ -149,7 +176,7 @@ def collect_items(args) -> list[Item]:
             f"{name}: has caption {item.caption!r} but --caption is {args.caption!r}; "
             "give the caption once")
     seed = item.seed if item.seed is not None else _check_seed(args.seed, "--seed")
-    return [Item(item.id or "sample", args.caption, item.layout, seed, name)]
+    return [Item(item.id or "sample", args.caption, item.layout, seed, name)], []
 
 
 def _check_seed(seed: int, name: str) -> int:
@@ -166,81 +193,6 @@ def output_paths(output_dir: str, name: str) -> dict:
 
 def is_done(output_dir: str, name: str) -> bool:
     return all(os.path.isfile(p) for p in output_paths(output_dir, name).values())
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints.
-# ----------------------------------------------------------------------------------------------
-
-
-def load_checkpoint_unet(directory: str, base_params, step: int | None = None):
-    """U-Net parameters from a training checkpoint, merged over ``base_params``.
-
-    Reads ``<directory>/<step>/state`` with ``goal_jax.checkpoints.CheckpointManager``
-    (latest step when ``step`` is None) as host arrays, takes the U-Net tree under
-    ``["unet"]``, ``["params"]["unet"]`` or ``["params"]`` (the first present whose leaves are
-    all U-Net parameters), checks every leaf's name and shape against ``base_params`` and
-    replaces those leaves.
-
-    Returns:
-      (params, info): the merged tree, and {"step", "replaced" (leaf count), "total",
-      "subtree"}.
-
-    Raises:
-      FileNotFoundError: no checkpoint directory / step.
-      ValueError: no U-Net tree in the checkpoint, or names / shapes that do not match.
-    """
-    import jax
-    from flax import traverse_util
-
-    from goal_jax import checkpoints
-
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"--checkpoint: no such directory: {directory}")
-    manager = checkpoints.CheckpointManager(directory, async_save=False)
-    try:
-        tree = manager.restore_arrays(step)  # FileNotFoundError naming the directory / step
-        step = manager.latest_step() if step is None else step
-    finally:
-        manager.close()
-    base_flat = traverse_util.flatten_dict(_as_dict(base_params))
-    candidates = []
-    for path in (("unet",), ("params", "unet"), ("params",)):
-        node = tree
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and node:
-            candidates.append((path, node))
-    if not candidates:
-        raise ValueError(f"checkpoint {directory} step {step}: its state has no U-Net parameters "
-                         f"under 'unet', 'params/unet' or 'params'; top-level keys: "
-                         f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
-    errors = []
-    for path, node in candidates:
-        flat = traverse_util.flatten_dict(_as_dict(node))
-        unknown = [k for k in flat if k not in base_flat]
-        bad_shape = [f"{'/'.join(k)}: checkpoint {tuple(np.shape(v))}, U-Net "
-                     f"{tuple(base_flat[k].shape)}" for k, v in flat.items()
-                     if k in base_flat and tuple(np.shape(v)) != tuple(base_flat[k].shape)]
-        if unknown or bad_shape:
-            errors.append(f"under {'/'.join(path)}: {len(unknown)} names not in the U-Net "
-                          f"(e.g. {['/'.join(k) for k in unknown[:3]]}), "
-                          f"{len(bad_shape)} shape mismatches {bad_shape[:3]}")
-            continue
-        merged = dict(base_flat)
-        for k, v in flat.items():
-            merged[k] = jax.numpy.asarray(v, jax.numpy.float32)
-        info = {"step": int(step), "replaced": len(flat), "total": len(base_flat),
-                "subtree": "/".join(path)}
-        return traverse_util.unflatten_dict(merged), info
-    raise ValueError(f"checkpoint {directory} step {step} does not match the U-Net of "
-                     f"--pretrained: " + "; ".join(errors))
-
-
-def _as_dict(tree):
-    if hasattr(tree, "unfreeze"):
-        tree = tree.unfreeze()
-    return tree if isinstance(tree, dict) else dict(tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,79 +250,98 @@ def write_outputs(output_dir: str, item: Item, image: np.ndarray, metadata: dict
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the script with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+class UsageError(ValueError):
+    """A bad argument, folder or checkpoint: one line, exit 2."""
 
-    Bad layouts and arguments print an error naming the item and return 2.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    try:
-        items = collect_items(args)
-    except layout_lib.LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
+def check_arguments(args, items) -> tuple:
+    """(options, number of grounding steps, output paths to do) after checking the settings,
+    the pipeline folder and --output_dir; UsageError naming the argument otherwise."""
     from goal_jax import sampling, schedule, weights
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     try:
         options = sampling.SampleOptions(
             sampler=args.sampler, num_steps=args.steps, guidance_scale=args.cfg, beta=args.beta,
             eta=args.eta, height=args.height, width=args.width,
             negative_caption=args.negative_caption)
+        weights.check_pipeline_folder(args.pretrained)
         scheduler_config = weights.read_config(os.path.join(args.pretrained, "scheduler"),
                                                "scheduler_config.json")
         timesteps = schedule.make_sampler(options.sampler, scheduler_config, options.num_steps,
                                           eta=options.eta).timesteps
+        factor = _vae_factor(args.pretrained)
+        for key in ("height", "width"):
+            value = getattr(args, key)
+            if value is not None and (value < factor or value % factor):
+                raise ValueError(f"--{key} {value} must be a positive multiple of {factor} (the "
+                                 f"VAE downsamples {factor}x)")
     except ValueError as e:  # includes weights.CheckpointError
-        parser.error(str(e))
-    n_ground = sampling.num_grounding_steps(options.beta, len(timesteps))
-
+        raise UsageError(str(e)) from e
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir} exists and is not a folder")
+    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+        raise UsageError(f"--checkpoint: checkpoint folder not found: {args.checkpoint}")
     os.makedirs(args.output_dir, exist_ok=True)
     todo = items if args.overwrite else [it for it in items if not is_done(args.output_dir,
                                                                             it.name)]
-    skipped = len(items) - len(todo)
-    print(f"{len(items)} item(s); skipping {skipped} whose outputs exist in {args.output_dir}; "
-          f"sampling {len(todo)}")
-    if not todo:
-        return 0
+    return options, sampling.num_grounding_steps(options.beta, len(timesteps)), todo
 
+
+def _vae_factor(pipeline: str) -> int:
+    """The VAE downsampling factor of a pipeline folder (image side / latent side)."""
+    from goal_jax import weights
+    from goal_jax.models import vae as vae_lib
+
+    folder = os.path.join(pipeline, "vae")
+    return vae_lib.AutoencoderKLConfig.from_dict(weights.read_config(folder),
+                                                 source=folder).downsample_factor
+
+
+def load_sampler(args):
+    """(GroundedSampler, checkpoint info or None, batch size) from --pretrained, --checkpoint,
+    --num_devices, --batch_size and --dtype; UsageError for a bad checkpoint or device count."""
     import jax
     import jax.numpy as jnp
-    from tqdm import tqdm
+
+    from goal_jax import sampling, weights
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    pipe = weights.load_pipeline(args.pretrained, dtype=dtype)
-    unet_params, checkpoint_info = None, None
-    if args.checkpoint is not None:
-        unet_params, checkpoint_info = load_checkpoint_unet(args.checkpoint, pipe.unet_params,
-                                                            args.checkpoint_step)
-        print(f"checkpoint {args.checkpoint} step {checkpoint_info['step']}: replaced "
-              f"{checkpoint_info['replaced']} of {checkpoint_info['total']} U-Net tensors")
     devices = jax.devices()
     if args.num_devices is not None:
         if not 1 <= args.num_devices <= len(devices):
-            parser.error(f"--num_devices must be in [1, {len(devices)}], got {args.num_devices}")
+            raise UsageError(f"--num_devices must be in [1, {len(devices)}], got "
+                             f"{args.num_devices}")
         devices = devices[:args.num_devices]
+    try:
+        pipe = weights.load_pipeline(args.pretrained, dtype=dtype)
+        unet_params, info = None, None
+        if args.checkpoint is not None:
+            unet_params, info = weights.load_trained_unet(args.checkpoint, pipe.unet_params,
+                                                          args.checkpoint_step)
+    except weights.CheckpointError as e:
+        raise UsageError(str(e)) from e
+    if info is not None:
+        info = {k: v for k, v in info.items() if k != "metadata"}
+        print(f"checkpoint {args.checkpoint} step {info['step']}: replaced {info['replaced']} "
+              f"of {info['total']} U-Net tensors")
     batch_size = -(-args.batch_size // len(devices)) * len(devices)
     if batch_size != args.batch_size:
         print(f"batch size {args.batch_size} -> {batch_size} (a multiple of {len(devices)} "
               "devices)")
     sampler = sampling.GroundedSampler(pipe, unet_params=unet_params, devices=devices)
-    height, width = sampler.image_size(options)
-    metadata = {
-        "settings": dict(options.to_dict(), height=height, width=width,
-                         num_grounding_steps=n_ground, dtype=args.dtype,
-                         batch_size=batch_size, num_devices=len(devices)),
-        "pretrained": os.path.abspath(args.pretrained),
-        "checkpoint": None if args.checkpoint is None else os.path.abspath(args.checkpoint),
-        "checkpoint_info": checkpoint_info,
-    }
+    return sampler, info, batch_size
+
+
+def sample_items(sampler, todo, options, batch_size: int, output_dir: str, metadata: dict,
+                 progress: bool) -> tuple[float, float]:
+    """Samples ``todo`` in batches of ``batch_size`` and writes each item's files; returns
+    (compile seconds, sampling seconds)."""
+    from tqdm import tqdm
 
     compile_s, run_s = 0.0, 0.0
-    with tqdm(total=len(todo), unit="img", disable=args.no_progress) as bar:
+    with tqdm(total=len(todo), unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             # Fill the last batch up to batch_size (one compiled program for the whole run).
@@ -380,11 +351,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             compile_s += out.compile_s
             run_s += out.run_s
             for item, image in zip(batch, out.images):
-                write_outputs(args.output_dir, item, image,
+                write_outputs(output_dir, item, image,
                               dict(metadata, written=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
             bar.update(len(batch))
-    print(f"wrote {len(todo)} item(s) to {args.output_dir} (compile {compile_s:.1f} s, "
-          f"sampling {run_s:.1f} s, {run_s / len(todo):.3f} s per image)")
+    return compile_s, run_s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the script with ``argv`` (default ``sys.argv[1:]``); returns the exit status
+    (0 done, 1 non-finite images, 2 bad arguments / layouts / folders / checkpoints)."""
+    from goal_jax import sampling
+
+    args = build_parser().parse_args(argv)
+    try:
+        items, errors = collect_items(args)
+        options, n_ground, todo = check_arguments(args, items)
+    except (layout_lib.LayoutError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(items)} item(s); skipping {len(items) - len(todo)} whose outputs exist in "
+          f"{args.output_dir}; sampling {len(todo)}")
+    try:
+        if todo:
+            sampler, info, batch_size = load_sampler(args)
+            height, width = sampler.image_size(options)
+            metadata = {
+                "settings": dict(options.to_dict(), height=height, width=width,
+                                 num_grounding_steps=n_ground, dtype=args.dtype,
+                                 batch_size=batch_size, num_devices=sampler.mesh.size),
+                "pretrained": os.path.abspath(args.pretrained),
+                "checkpoint": None if args.checkpoint is None else os.path.abspath(
+                    args.checkpoint),
+                "checkpoint_info": info,
+            }
+            compile_s, run_s = sample_items(sampler, todo, options, batch_size, args.output_dir,
+                                            metadata, not args.no_progress)
+            print(f"wrote {len(todo)} item(s) to {args.output_dir} (compile {compile_s:.1f} s, "
+                  f"sampling {run_s:.1f} s, {run_s / len(todo):.3f} s per image)")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except sampling.NonFiniteSampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if errors:
+        print(f"error: {len(errors)} bad line(s) in {args.jsonl} were not sampled:\n  "
+              + "\n  ".join(errors), file=sys.stderr)
+        return 2
     return 0
 
 

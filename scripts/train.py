@@ -6,10 +6,11 @@
         --config.train.model.clip=/models/clip-vit-large-patch14 --config.data.source=/data/goal2k
 
 Resumes from the latest checkpoint in --workdir. Exit codes: 0 when finished or preempted
-(SIGTERM: a checkpoint is saved at the current step first), 1 on a non-finite loss (the
-message names the step; the last good checkpoint stays), 2 on a bad config (unknown field,
-inconsistent value) before anything is loaded or compiled. The loop is
-goal_jax.loop.train_and_evaluate.
+(SIGTERM: a checkpoint is saved at the current step first); 1 on a non-finite loss (the
+message names the step and the last good checkpoint) or a failed checkpoint save (one line,
+at the step it happened); 2 on a bad command line or config (unknown preset or field, a value
+of the wrong type, an inconsistent value) before anything is loaded or compiled. The loop is
+goal_jax.loop.train_and_evaluate; the config checks are goal_jax.config_checks.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _config_string(argv) -> str | None:
 def precheck(argv) -> None:
     """Fails with one clear line (exit 2) on an unknown preset or unknown config field,
     before absl/ml_collections print a traceback."""
-    from goal_jax.loop import check_override_keys
+    from goal_jax.config_checks import check_override_keys
 
     spec = _config_string(argv) or os.path.join(_REPO, "configs", "goal.py")
     path, _, arg = spec.partition(":")
@@ -73,25 +74,41 @@ def precheck(argv) -> None:
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl's flag parsing with one line and exit 2 on a bad flag (a value of the wrong type
+    such as ``--config.train.steps=abc``, a missing --workdir) instead of exit 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"train.py: bad command line: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    from goal_jax import loop
+        print(f"train.py: bad command line: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    from goal_jax import config_checks, loop
 
     loop.quiet_library_logs()
     config = _CONFIG.value
     try:
-        loop.validate_config(config)
+        config_checks.validate_config(config)
     except ValueError as e:
         print(f"train.py: bad config: {e}", file=sys.stderr)
         sys.exit(2)
     try:
         loop.train_and_evaluate(config, flags.FLAGS.workdir)
-    except loop.NonFiniteLossError as e:
+    except (loop.NonFiniteLossError, loop.CheckpointSaveError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(1)
+    except ValueError as e:  # checks that need the workdir or the data (config field ...)
+        if not str(e).startswith("config field"):
+            raise
+        print(f"train.py: bad config: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
     precheck(sys.argv)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

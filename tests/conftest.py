@@ -15,6 +15,59 @@ import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# `make test-fast` runs the unit tests (`-m "not slow"`, about 2 minutes on 2 cores); `make test`
+# runs everything. Slow: the integration tests (whole programs: training runs, scripts,
+# notebooks, a headless browser, subprocesses) and the unit tests that compile a whole model
+# or a train step (parity with diffusers / the PyTorch reference, remat, sharding), measured
+# with `pytest --durations` (those over ~5 s on a loaded 2-core machine). Markers are
+# registered in pyproject.toml.
+SLOW_FILES = frozenset({
+    "test_train_program.py", "test_notebooks.py", "test_sample_script.py", "test_convert.py",
+    "test_benchmarks_smoke.py", "test_no_torch.py", "test_data_prep_review.py",
+    "test_data_prep_annotate.py", "test_evaluation.py", "test_probe_faults.py",
+    "test_sharding.py",
+})
+SLOW_TESTS = frozenset({
+    "test_clip.py::test_clip_parity_fp32",
+    "test_clip.py::test_remat_same_outputs_and_gradients",
+    "test_configs.py::test_train_script_rejects_bad_config_before_loading",
+    "test_data_pipeline.py::test_same_seed_same_batches_and_exact_resume",
+    "test_data_prep_local.py::test_local_source_generates_and_resumes",
+    "test_ops.py::test_attention_bfloat16_keeps_float32_softmax",
+    "test_ops.py::test_attention_matches_jax_reference",
+    "test_ops.py::test_conv_matches_lax",
+    "test_ops.py::test_flax_conv_with_ops_keeps_parameters_and_values",
+    "test_pipeline_load.py::test_load_pipeline_every_part",
+    "test_sampling.py::test_parity_with_diffusers_and_compile_once",
+    "test_sampling.py::test_sharded_equals_single_device",
+    "test_train_step.py::test_alpha_beta_zero_is_ldm",
+    "test_train_step.py::test_encoded_slots_and_tokens_same_loss_and_grads",
+    "test_train_step.py::test_parity_with_pytorch_reference",
+    "test_train_step.py::test_sd14_parameter_counts",
+    "test_unet.py::test_attention_map_selection",
+    "test_unet.py::test_attention_maps_and_remat_gradients_match_diffusers",
+    "test_unet.py::test_checkpoint_errors",
+    "test_unet.py::test_export_round_trip_to_diffusers",
+    "test_unet.py::test_gligen_parity_grounding_scale_zero_and_no_grounding",
+    "test_unet.py::test_non_gated_linear_projection_parity_and_grounding_error",
+    "test_unet.py::test_sd14_gligen_config_param_count_and_16x16_layers",
+    "test_unet.py::test_three_level_gligen_parity_odd_size",
+    "test_vae.py::test_bfloat16_close_to_float32",
+    "test_vae.py::test_missing_key_and_shape_mismatch",
+    "test_vae.py::test_parity_with_diffusers",
+    "test_vae.py::test_posterior_matches_diffusers_distribution",
+    "test_vae.py::test_remat_same_output_and_gradient",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests of SLOW_FILES and SLOW_TESTS ``slow``; the others are ``unit``."""
+    del config
+    for item in items:
+        name = f"{os.path.basename(str(item.fspath))}::{item.originalname}"
+        slow = os.path.basename(str(item.fspath)) in SLOW_FILES or name in SLOW_TESTS
+        item.add_marker(pytest.mark.slow if slow else pytest.mark.unit)
+
 
 def load_script(name: str):
     """scripts/<name>.py imported as a module (the scripts folder is not a package)."""

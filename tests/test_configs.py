@@ -29,6 +29,7 @@ def _load_goal():
 
 
 goal = _load_goal()
+from goal_jax import config_checks  # noqa: E402
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def local_paper(tmp_path):
     (tmp_path / "clip").mkdir()
     (tmp_path / "data").mkdir()
     config = goal.get_config("paper")
-    goal.apply_overrides(config, {"train.model.pipeline": str(pipe),
+    config_checks.apply_overrides(config, {"train.model.pipeline": str(pipe),
                                   "train.model.clip": str(tmp_path / "clip"),
                                   "data.source": str(tmp_path / "data")})
     return config
@@ -72,11 +73,23 @@ def test_paper_preset_values():
         assert (t.maa_part, t.maa_resolution, tuple(t.maa_layers)) == ("up", 16, ())
         assert tuple(t.trainable_patterns) == train_lib.PAPER_TRAINABLE
         assert t.dsa_local and t.dsa_global and not t.train_position_net
-    # every field of train.py's default config is present, with the same type
-    default = train_lib.default_train_config()
-    from goal_jax import loop
+    # train.default_train_config() is the paper preset's train section (one place for defaults)
+    assert train_lib.default_train_config().to_dict() == goal.get_config().train.to_dict()
 
-    assert set(loop._fields(default)) <= set(loop._fields(goal.get_config().train))
+
+def test_config_file_imports_only_ml_collections():
+    """configs/goal.py holds the defaults and imports nothing of goal_jax (no cycle)."""
+    import ast
+
+    with open(os.path.join(REPO, "configs", "goal.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported == {"__future__", "json", "re", "ml_collections"}
 
 
 def test_demo_preset_values():
@@ -118,68 +131,68 @@ def test_unknown_preset_and_ablation():
 
 def test_overrides():
     c = goal.get_config("demo")
-    goal.apply_overrides(c, {"train.steps": 100, "train.optimizer.learning_rate": 1e-4})
+    config_checks.apply_overrides(c, {"train.steps": 100, "train.optimizer.learning_rate": 1e-4})
     assert c.train.steps == 100 and c.train.optimizer.learning_rate == 1e-4
     with pytest.raises(ValueError, match=r"unknown config field 'train.stpes' \(did you mean "
                                          r"train.steps"):
-        goal.apply_overrides(c, {"train.stpes": 5})
+        config_checks.apply_overrides(c, {"train.stpes": 5})
     with pytest.raises(ValueError, match=r"unknown config field 'foo.bar'"):
-        goal.check_override_keys(c, ["train.steps", "foo.bar"])
+        config_checks.check_override_keys(c, ["train.steps", "foo.bar"])
     with pytest.raises(ValueError, match=r"config field 'train.steps'"):
-        goal.apply_overrides(c, {"train.steps": "many"})
+        config_checks.apply_overrides(c, {"train.steps": "many"})
 
 
 def test_valid_configs_pass(local_paper):
-    goal.validate_config(local_paper)
-    goal.validate_config(goal.get_config("demo"))
-    goal.validate_config(goal.get_config("demo,maalign_mid8"))
+    config_checks.validate_config(local_paper)
+    config_checks.validate_config(goal.get_config("demo"))
+    config_checks.validate_config(goal.get_config("demo,maalign_mid8"))
 
 
 def test_hub_id_offline_is_a_clear_error(offline, tmp_path):
     c = goal.get_config("paper")
-    goal.apply_overrides(c, {"data.source": str(tmp_path)})
+    config_checks.apply_overrides(c, {"data.source": str(tmp_path)})
     with pytest.raises(ValueError, match=r"train.model.clip: 'openai/clip-vit-large-patch14' is "
                                          r"not a local folder and this machine is offline.*"
                                          r"huggingface-cli download"):
-        goal.validate_config(c)
+        config_checks.validate_config(c)
 
 
 def test_missing_folders(local_paper, tmp_path):
     c = goal.get_config("paper")
-    goal.apply_overrides(c, {"train.model.clip": str(tmp_path / "no_clip"),
+    config_checks.apply_overrides(c, {"train.model.clip": str(tmp_path / "no_clip"),
                              "data.source": str(tmp_path)})
     with pytest.raises(ValueError, match=r"train.model.clip: folder not found: .*no_clip"):
-        goal.validate_config(c)
-    goal.apply_overrides(local_paper, {"data.source": str(tmp_path / "no_data")})
+        config_checks.validate_config(c)
+    config_checks.apply_overrides(local_paper, {"data.source": str(tmp_path / "no_data")})
     with pytest.raises(ValueError, match=r"data.source: folder not found: .*no_data"):
-        goal.validate_config(local_paper)
-    goal.apply_overrides(local_paper, {"data.source": ""})
+        config_checks.validate_config(local_paper)
+    config_checks.apply_overrides(local_paper, {"data.source": ""})
     with pytest.raises(ValueError, match=r"give data.source .* or data.data_dir"):
-        goal.validate_config(local_paper)
+        config_checks.validate_config(local_paper)
 
 
 def test_pipeline_folder_without_unet(local_paper, tmp_path):
     (tmp_path / "empty_pipe").mkdir()
-    goal.apply_overrides(local_paper, {"train.model.pipeline": str(tmp_path / "empty_pipe")})
+    config_checks.apply_overrides(local_paper, {"train.model.pipeline": str(tmp_path / "empty_pipe")})
     with pytest.raises(ValueError, match=r"has no unet/ subfolder"):
-        goal.validate_config(local_paper)
+        config_checks.validate_config(local_paper)
 
 
 def test_resolution_not_divisible(local_paper):
-    goal.apply_overrides(local_paper, {"data.resolution": 500})
+    config_checks.apply_overrides(local_paper, {"data.resolution": 500})
     with pytest.raises(ValueError, match=r"data.resolution=500 is not divisible by 64 \(the VAE "
                                          r"downsamples 8x and the U-Net 8x more\)"):
-        goal.validate_config(local_paper)
+        config_checks.validate_config(local_paper)
     c = goal.get_config("demo")
-    goal.apply_overrides(c, {"data.resolution": 68})
+    config_checks.apply_overrides(c, {"data.resolution": 68})
     with pytest.raises(ValueError, match=r"data.resolution=68 is not divisible by 8"):
-        goal.validate_config(c)
+        config_checks.validate_config(c)
 
 
 def test_maalign_layers_must_exist():
     with pytest.raises(ValueError, match=r"train.maa_part/train.maa_resolution: no up "
                                          r"cross-attention layers at resolution 64"):
-        goal.validate_config(goal.get_config("demo,maalign_up64"))
+        config_checks.validate_config(goal.get_config("demo,maalign_up64"))
 
 
 def test_inconsistent_values(local_paper):
@@ -201,18 +214,21 @@ def test_inconsistent_values(local_paper):
     ]
     for overrides, message in cases:
         c = goal.get_config("demo")
-        goal.apply_overrides(c, overrides)
+        config_checks.apply_overrides(c, overrides)
         with pytest.raises(ValueError, match=message):
-            goal.validate_config(c)
+            config_checks.validate_config(c)
 
 
 def test_train_script_rejects_bad_config_before_loading(tmp_path):
-    """scripts/train.py exits 2 with one line for an unknown field or preset."""
+    """scripts/train.py exits 2 with one line for an unknown field, a value of the wrong type
+    or an inconsistent value."""
     script = os.path.join(REPO, "scripts", "train.py")
     cfg = os.path.join(REPO, "configs", "goal.py")
     runs = [
         ([f"--config={cfg}:demo", "--config.train.stepz=3"],
          "unknown config field 'train.stepz' (did you mean train.steps"),
+        ([f"--config={cfg}:demo", "--config.train.steps=abc"],
+         "train.py: bad command line:"),
         ([f"--config={cfg}:demo,maalign_up64"],
          "no up cross-attention layers at resolution 64"),
     ]

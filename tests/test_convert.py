@@ -78,12 +78,12 @@ def test_round_trip_diffusers_orbax_diffusers(pipeline_folder, tmp_path):
     orbax_dir, back_dir = str(tmp_path / "orbax"), str(tmp_path / "back")
     assert convert.main(["to-orbax", "--src", pipeline_folder, "--dst", orbax_dir]) == 0
     for sub in ("unet", "vae", "text_encoder"):
-        assert checkpoints.is_orbax_folder(os.path.join(orbax_dir, sub))
+        assert weights.is_orbax_folder(os.path.join(orbax_dir, sub))
         assert not any(n.endswith(".safetensors") for n in os.listdir(os.path.join(orbax_dir,
                                                                                    sub)))
     # the orbax form loads to exactly the parameters of the safetensors form
     a = weights.load_pipeline(pipeline_folder)
-    b = checkpoints.load_pipeline(orbax_dir)
+    b = weights.load_pipeline(orbax_dir)
     for name in ("unet_params", "vae_params", "text_params"):
         fa = weights.to_state_dict(getattr(a, name))
         fb = weights.to_state_dict(getattr(b, name))
@@ -110,7 +110,7 @@ def test_checkpoint_to_diffusers(pipeline_folder, tmp_path):
 
     from goal_jax import train as train_lib
 
-    _, base = checkpoints.load_component(os.path.join(pipeline_folder, "unet"), "unet")
+    _, base = weights.load_component(os.path.join(pipeline_folder, "unet"), "unet")
     trainable, _ = train_lib.partition_params(base, train_lib.PAPER_TRAINABLE)
     trained = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.25, trainable)
     state = {"step": np.int32(7), "params": trained, "rng": np.zeros(2, np.uint32)}
@@ -157,4 +157,4 @@ def test_convert_errors(pipeline_folder, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert convert.main(["to-diffusers", "--checkpoint", str(tmp_path / "none"),
                          "--src", pipeline_folder, "--dst", str(tmp_path / "d")]) == 1
-    assert "--checkpoint folder not found" in capsys.readouterr().err
+    assert "checkpoint folder not found" in capsys.readouterr().err

@@ -192,7 +192,7 @@ def find_chromium():
         path = shutil.which(name)
         if path:
             return path
-    raise RuntimeError("Chromium is not installed: run .ci/setup_chromium.sh (Debian's chromium)")
+    raise RuntimeError("Chromium is not installed: `make chromium` installs Debian's chromium")
 
 
 class DevTools:

@@ -31,7 +31,6 @@ from nbclient.exceptions import CellExecutionError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("sample.ipynb", "train_goal.ipynb")
 KERNEL = "goal-jax-test"
-BADGE = "https://colab.research.google.com/github/<org>/goal_jax/blob/main/notebooks/{}"
 KERNEL_ENV = {
     "GOAL_NOTEBOOK_DEMO": "1",
     "XLA_FLAGS": ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
@@ -99,11 +98,13 @@ def flat(tree, prefix=""):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_structure(name, monkeypatch):
-    """Colab badge, a first code cell tagged "parameters" whose DEMO follows
-    GOAL_NOTEBOOK_DEMO, no stored outputs, valid code."""
+    """Colab instructions without a placeholder URL, a first code cell tagged "parameters"
+    whose DEMO follows GOAL_NOTEBOOK_DEMO, no stored outputs, valid code."""
     nb = read(name)
     nbformat.validate(nb)
-    assert BADGE.format(name) in nb.cells[0].source
+    assert "**Running it on Colab.**" in nb.cells[0].source
+    text = json.dumps(nb)
+    assert "<org>" not in text and "colab.research.google.com/github" not in text
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert parameters_index(nb) == nb.cells.index(code[0])
     for value, expected in (("1", True), ("0", False)):
@@ -111,7 +112,7 @@ def test_notebook_structure(name, monkeypatch):
         monkeypatch.setenv("GOAL_NOTEBOOK_DEMO", value)
         exec(code[0].source, namespace)  # plain assignments only: no side effects
         assert namespace["DEMO"] is expected
-        assert namespace["REPO_URL"] == "https://github.com/<org>/goal_jax"
+        assert namespace["REPO_URL"] == ""
         assert namespace["PIPELINE"] == "masterful/gligen-1-4-generation-text-box"
         assert namespace["CLIP"] == "openai/clip-vit-large-patch14"
     for c in code:
@@ -136,11 +137,11 @@ def test_install_cell(name, tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    url = "https://github.com/<org>/goal_jax"
+    url = "https://git.example/goal_jax.git"
 
-    def run(cwd, demo):
+    def run(cwd, demo, repo_url=url):
         monkeypatch.chdir(cwd)
-        namespace = {"os": os, "DEMO": demo, "REPO_URL": url}
+        namespace = {"os": os, "DEMO": demo, "REPO_URL": repo_url}
         exec(install, namespace)
         return namespace
 
@@ -150,6 +151,10 @@ def test_install_cell(name, tmp_path, monkeypatch):
             assert os.getcwd() == REPO
     with pytest.raises(RuntimeError, match="demo mode runs inside a goal_jax checkout"):
         run(tmp_path, True)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="set REPO_URL to a git URL of goal_jax, or upload "
+                                           "the repository folder as .*goal_jax"):
+        run(tmp_path, False, repo_url="")
     assert calls == []
     namespace = run(tmp_path, False)
     target = str(tmp_path / "goal_jax")

@@ -5,7 +5,6 @@ missing subfolder is named in the error."""
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

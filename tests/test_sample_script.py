@@ -106,26 +106,44 @@ def test_single_caption_inline_layout(folder, tmp_path, capsys):
     assert (out / "sample.png").exists() and (out / "sample_boxes.png").exists()
 
 
-@pytest.mark.parametrize("line,message", [
+BAD_LINES = [
     ({"caption": "x", "phrases": ["a cat"], "boxes": [[0.1, 0.1, 0.6, 1.5]]},
      "prompts.jsonl line 2: box 0 ('a cat') is outside [0, 1]"),
     ({"caption": "x", "phrases": ["a cat"], "boxes": [[0.6, 0.1, 0.2, 0.5]]},
-     "prompts.jsonl line 2: box 0 ('a cat') has x0 >= x1"),
+     "prompts.jsonl line 3: box 0 ('a cat') has x0 >= x1"),
     ({"caption": "x", "phrases": [""], "boxes": [[0.1, 0.1, 0.2, 0.5]]},
-     "prompts.jsonl line 2: phrase 0 is empty"),
+     "prompts.jsonl line 4: phrase 0 is empty"),
     ({"caption": "x", "phrases": ["o"] * 31, "boxes": [[0.1, 0.1, 0.2, 0.5]] * 31},
-     "prompts.jsonl line 2: 31 boxes, at most 30 are supported"),
-    ("{not json", "prompts.jsonl line 2: malformed JSON"),
+     "prompts.jsonl line 5: 31 boxes, at most 30 are supported"),
+    ('{"caption": "x"', "prompts.jsonl line 6: malformed JSON: Expecting ',' delimiter at "
+                        "column 16"),
     ({"caption": "x", "phrases": [], "boxes": [], "id": "cats"},
-     "prompts.jsonl line 2: id 'cats' already used on line 1"),
-])
-def test_bad_jsonl_names_the_line(folder, tmp_path, capsys, line, message):
+     "prompts.jsonl line 7: id 'cats' already used on line 1"),
+]
+
+
+def test_bad_jsonl_lines_listed_and_good_lines_sampled(folder, tmp_path, capsys):
+    """Every bad line is listed with its number (the JSON column is the line's own), the good
+    lines are sampled, and the exit status is 2."""
+    jsonl, out = tmp_path / "prompts.jsonl", tmp_path / "o"
+    lines = [json.dumps(ITEMS[0])] + [x if isinstance(x, str) else json.dumps(x)
+                                      for x, _ in BAD_LINES]
+    jsonl.write_text("\n".join(lines) + "\n")
+    assert sample_script.main(_args(folder, out, "--jsonl", str(jsonl))) == 2
+    err = capsys.readouterr().err
+    assert "6 bad line(s) in" in err
+    for _, message in BAD_LINES:
+        assert message in err
+    assert "line 2 column" not in err
+    assert sorted(os.listdir(out)) == ["cats.json", "cats.png", "cats_boxes.png"]
+
+
+def test_jsonl_without_good_line_writes_nothing(folder, tmp_path, capsys):
     jsonl = tmp_path / "prompts.jsonl"
-    second = line if isinstance(line, str) else json.dumps(line)
-    jsonl.write_text(json.dumps(ITEMS[0]) + "\n" + second + "\n")
+    jsonl.write_text(json.dumps(BAD_LINES[0][0]) + "\n")
     assert sample_script.main(_args(folder, tmp_path / "o", "--jsonl", str(jsonl))) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()  # fails before writing anything
+    assert "prompts.jsonl line 1: box 0 ('a cat') is outside [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_single_layout(folder, tmp_path, capsys):
@@ -160,8 +178,8 @@ def test_checkpoint_unet(folder, tmp_path):
     manager.save(7, state)
     manager.close()
 
-    params, info = sample_script.load_checkpoint_unet(ckpt, pipe.unet_params)
-    assert info == {"step": 7, "replaced": 1, "total": info["total"], "subtree": "params"}
+    params, info = weights.load_trained_unet(ckpt, pipe.unet_params)
+    assert (info["step"], info["replaced"]) == (7, 1)
     assert info["total"] == len(jax.tree_util.tree_leaves(pipe.unet_params))
     np.testing.assert_array_equal(params["conv_out"]["bias"], bias)
     np.testing.assert_array_equal(params["conv_in"]["kernel"],
@@ -175,14 +193,19 @@ def test_checkpoint_unet(folder, tmp_path):
     assert meta["checkpoint"] == os.path.abspath(ckpt)
     assert meta["checkpoint_info"]["step"] == 7 and meta["checkpoint_info"]["replaced"] == 1
 
-    bad = str(tmp_path / "bad")
-    manager = checkpoints.CheckpointManager(bad, async_save=False)
-    manager.save(1, {"unet": {"conv_out": {"bias": np.zeros(3, np.float32)}}})
-    manager.close()
-    with pytest.raises(ValueError, match=r"conv_out/bias: checkpoint \(3,\), U-Net \(4,\)"):
-        sample_script.load_checkpoint_unet(bad, pipe.unet_params)
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        sample_script.load_checkpoint_unet(str(tmp_path / "missing"), pipe.unet_params)
+    for name, tree, message in (
+            ("shape", {"params": {"conv_out": {"bias": np.zeros(3, np.float32)}}},
+             r"conv_out/bias: checkpoint \(3,\), U-Net \(4,\)"),
+            ("noparams", {"unet": {"conv_out": {"bias": np.zeros(4, np.float32)}}},
+             r"holds no 'params' tree; it holds \['unet'\]")):
+        bad = str(tmp_path / name)
+        manager = checkpoints.CheckpointManager(bad, async_save=False)
+        manager.save(1, tree)
+        manager.close()
+        with pytest.raises(weights.CheckpointError, match=message):
+            weights.load_trained_unet(bad, pipe.unet_params)
+    with pytest.raises(weights.CheckpointError, match="checkpoint folder not found"):
+        weights.load_trained_unet(str(tmp_path / "missing"), pipe.unet_params)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -192,8 +215,6 @@ def test_checkpoint_unet(folder, tmp_path):
 ])
 def test_bad_settings_exit_before_sampling(folder, tmp_path, capsys, extra, message):
     args = _args(folder, tmp_path / "o", "--caption", "a cat", *extra)
-    with pytest.raises(SystemExit) as e:
-        sample_script.main(args)
-    assert e.value.code == 2
+    assert sample_script.main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -104,6 +104,8 @@ def test_demo_trains_resumes_exactly_and_stops_on_nan(shared, tmp_path, monkeypa
     assert logged[5]["total"] == result.history[6]["total"]
     assert all(row["examples_per_sec"] > 0 for row in logged)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(straight))
+    # each scalar once per log step in TensorBoard (clu's ReportProgress writes none of its own)
+    assert tensorboard_tag_steps(straight, "steps_per_sec") == [1, 2, 3, 4, 5, 6]
 
     # ---- 3 steps, then a fresh call with a fresh config: 3 more steps.
     resumed = new_workdir(shared, tmp_path, "resumed")
@@ -169,6 +171,19 @@ def tensorboard_images(workdir):
     return out
 
 
+def tensorboard_tag_steps(workdir, tag):
+    """The steps of every scalar summary named ``tag`` in the workdir's events, in order."""
+    import tensorflow as tf
+
+    steps = []
+    for name in sorted(os.listdir(workdir)):
+        if name.startswith("events.out.tfevents"):
+            for record in tf.data.TFRecordDataset(os.path.join(workdir, name)):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
 def stored_data(workdir, step):
     manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
     try:
@@ -204,7 +219,8 @@ def test_sigterm_saves_current_step_and_exits_zero(shared, tmp_path):
             f"--config.data.data_dir={shared / 'tfds'}", "--config.data.shapes_items=8",
             "--config.checkpoint.every_steps=1000", "--config.log.every_steps=1",
             f"--config.compilation_cache={shared / 'jax_cache'}"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")  # same XLA_FLAGS: compilation cache hits
+    # same XLA_FLAGS: compilation cache hits; TF warnings shown (the finalization check below)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="0")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -221,6 +237,7 @@ def test_sigterm_saves_current_step_and_exits_zero(shared, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
+    assert "Error occurred when finalizing GeneratorDataset iterator" not in out
     import re
 
     match = re.search(r"Stopping at step (\d+) \(signal 15\): checkpoint saved", out)

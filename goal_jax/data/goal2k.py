@@ -19,6 +19,11 @@ overshooting by < 1 px are clamped; out-of-bounds (>= 1 px), degenerate (< 1 px 
 empty-phrase boxes are dropped; more than 30 boxes keep the 30 largest. Everything dropped or
 clamped is listed by id in the build summary, logged and written as ``build_summary.json``
 into the dataset version folder. No good item in a split -> ``DatasetBuildError``.
+
+The build is keyed by its source: ``source.json`` in the version folder records the source
+folder's absolute path and a content fingerprint (:func:`source_fingerprint`). Building into a
+data dir that already holds a goal2k built from another folder, or from this folder before its
+content changed, raises :class:`SourceChangedError` instead of reusing the stale build.
 """
 
 from __future__ import annotations
@@ -39,10 +44,58 @@ from goal_jax.data import format as fmt
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "build_summary.json"
+SOURCE_FILE = "source.json"
 
 
 class DatasetBuildError(ValueError):
     """The source folder yields no usable item (or is not a dataset folder)."""
+
+
+class SourceChangedError(ValueError):
+    """The data dir holds a goal2k build of another source (or of an older content)."""
+
+
+def source_fingerprint(source_dir: str) -> str:
+    """sha256 (hex) of the annotation files' bytes and of every other file's relative path and
+    size in ``source_dir``: changes when an annotation, an image name or an image size changes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(source_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, source_dir).replace(os.sep, "/")
+            digest.update(rel.encode() + b"\0")
+            if name in (fmt.ANNOTATIONS_FILE, fmt.VAL_ANNOTATIONS_FILE):
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            else:
+                digest.update(str(os.path.getsize(path)).encode())
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def check_source(builder: "Goal2k", source_dir: str, fingerprint: str) -> None:
+    """Raises SourceChangedError unless the prepared ``builder`` was built from ``source_dir``
+    with this content (``source.json``; builds without it are compared by path only)."""
+    version_dir = os.fspath(builder.data_dir)
+    want = {"source_dir": os.path.abspath(source_dir), "fingerprint": fingerprint}
+    path = os.path.join(version_dir, SOURCE_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            have = json.load(f)
+    else:
+        with open(os.path.join(version_dir, SUMMARY_FILE), encoding="utf-8") as f:
+            have = {"source_dir": json.load(f).get("source_dir"), "fingerprint": fingerprint}
+    if have != want:
+        what = ("another folder" if have.get("source_dir") != want["source_dir"]
+                else "this folder before its content changed")
+        raise SourceChangedError(
+            f"{version_dir} holds goal2k built from {what} ({have.get('source_dir')}, "
+            f"fingerprint {str(have.get('fingerprint'))[:12]}); the source is now "
+            f"{want['source_dir']} (fingerprint {fingerprint[:12]}). Delete {version_dir} to "
+            "rebuild it, or build into another data dir")
 
 
 @dataclasses.dataclass
@@ -254,16 +307,28 @@ class Goal2k(tfds.core.GeneratorBasedBuilder):
 
 def build_goal2k(source_folder: str, data_dir: str, max_boxes: int = fmt.MAX_BOXES
                  ) -> tuple[Goal2k, dict[str, Any]]:
-    """Builds (or reuses, if already prepared) the goal2k TFDS dataset of ``source_folder``.
+    """Builds (or reuses, if already prepared from the same source) the goal2k TFDS dataset of
+    ``source_folder``; raises SourceChangedError when ``data_dir`` holds a build of another
+    source or of an older content of this one.
 
     Returns:
       (builder, summary): the prepared builder (``builder.as_dataset(split="train")``) and the
       build summary (read back from ``build_summary.json`` when the dataset already existed).
     """
     source_folder, data_dir = os.path.expanduser(source_folder), os.path.expanduser(data_dir)
+    if not os.path.isdir(source_folder):
+        raise DatasetBuildError(f"goal2k source folder not found: {source_folder}")
+    fingerprint = source_fingerprint(source_folder)
     builder = Goal2k(data_dir=data_dir, max_boxes=max_boxes)
+    if builder.is_prepared():
+        check_source(builder, source_folder, fingerprint)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=source_folder))
+    record = os.path.join(os.fspath(builder.data_dir), SOURCE_FILE)
+    if not os.path.isfile(record):
+        with open(record, "w", encoding="utf-8") as f:
+            json.dump({"source_dir": os.path.abspath(source_folder),
+                       "fingerprint": fingerprint}, f, indent=1)
     summary = builder.build_summary
     if summary is None:
         with open(os.path.join(os.fspath(builder.data_dir), SUMMARY_FILE), encoding="utf-8") as f:
