@@ -14,6 +14,9 @@ Base presets:
          MAAlign on the decoder 16x16 cross-attention maps, trainable GLIGEN fusers + attn1 +
          attn2, GOAL2K data (``data.source``: a folder in goal_jax's on-disk format, built once
          into the TFDS dir ``data.data_dir``).
+  world  GOAL fine-tuning of the shipped shapes world (assets/shapes_world, docs/world.md):
+         α = β = 0.1, AdamW 1e-4, 60 steps of batch 4 on 512 generated shapes items at 64x64,
+         MAAlign on the decoder 8x8 maps (the world U-Net attends at 8x8 only); `make demo`.
   demo   Tiny random models written in-process by goal_jax.demo_models (no download; tokenizer
          from text.write_word_vocab over the shapes vocabulary), the synthetic shapes dataset
          generated on first use at 64x64, all three losses on; a few minutes on 2 CPU cores.
@@ -38,7 +41,8 @@ core (batch per core, parameter sharding, frozen weights in bf16), from XLA:TPU'
 Every default lives in this file, in :func:`_base` (the paper's values); presets and ablations
 change some of them. Every field can be overridden on the command line
 (``--config.train.steps=100``); goal_jax.config_checks refuses fields that do not exist and
-checks values before anything is loaded or compiled. This file imports only ml_collections.
+checks values before anything is loaded or compiled. This file imports only ml_collections
+(and the standard library).
 
 Fields:
   preset            str, the config string this config was built from (information only).
@@ -116,11 +120,12 @@ Fields:
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import ml_collections
 
-BASES = ("paper", "demo")
+BASES = ("paper", "demo", "world")
 ABLATIONS = {
     "ldm_only": "α = β = 0 (plain LDM fine-tuning of the same layers)",
     "no_dsalign": "α = 0",
@@ -248,6 +253,36 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.sample.num_steps = 10
 
 
+# The shipped shapes world (docs/world.md), next to this file's folder.
+WORLD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                     "shapes_world")
+
+
+def _world(c: ml_collections.ConfigDict) -> None:
+    """The world preset: GOAL fine-tuning of the shipped shapes world (make demo)."""
+    c.train.model.pipeline = os.path.join(WORLD, "pipeline")
+    c.train.model.clip = os.path.join(WORLD, "clip")
+    c.train.steps = 60
+    c.train.per_device_batch_size = 4
+    c.train.optimizer.learning_rate = 1e-4
+    c.train.alpha = 0.1
+    c.train.beta = 0.1
+    # The world's U-Net attends at the 8x8 level only: the decoder's 8x8 maps are the analogue
+    # of SD-1.4's decoder 16x16.
+    c.train.maa_part = "up"
+    c.train.maa_resolution = 8
+    c.data.source = ""  # '' = <workdir>/shapes (generated on first use)
+    c.data.shapes_items = 512
+    c.data.resolution = 64
+    c.data.flip = True
+    c.data.max_boxes = 4
+    c.checkpoint.every_steps = 20
+    c.log.every_steps = 10
+    c.sample.every_steps = 0
+    c.sample.layouts = tuple(json.dumps(x) for x in DEMO_LAYOUTS)
+    c.sample.num_steps = 25
+
+
 def _ablate(c: ml_collections.ConfigDict, name: str) -> None:
     t = c.train
     if name == "ldm_only":
@@ -282,6 +317,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = _base(arg)
     if names[0] == "demo":
         _demo(c)
+    elif names[0] == "world":
+        _world(c)
     for name in names[1:]:
         _ablate(c, name)
     return c

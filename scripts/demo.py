@@ -2,7 +2,7 @@
 
     python scripts/demo.py --workdir runs/demo
 
-1. fine-tunes ``assets/shapes_world/pipeline`` with the GOAL losses (``configs/goal.py:demo``,
+1. fine-tunes ``assets/shapes_world/pipeline`` with the GOAL losses (``configs/goal.py:world``,
    scripts/train.py; a few minutes on 2 CPU cores, resumable);
 2. samples the same fixed layouts (two-object layouts of the world's ``test`` split, never
    trained on) with the base world and with the fine-tuned U-Net (scripts/sample.py);
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     py = sys.executable
     train_dir = os.path.join(args.workdir, "train")
     _run([py, os.path.join(REPO, "scripts", "train.py"),
-          "--config", os.path.join(REPO, "configs", "goal.py") + ":demo",
+          "--config", os.path.join(REPO, "configs", "goal.py") + ":world",
           "--workdir", train_dir, *args.train_args])
     sample = [py, os.path.join(REPO, "scripts", "sample.py"), "--pretrained", pipeline,
               "--jsonl", jsonl, "--steps", str(args.steps), "--cfg", str(args.cfg),
