@@ -26,24 +26,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 WORLD = os.path.join(REPO, "assets", "shapes_world")
-DEMO_CATEGORIES = ("color", "texture", "spatial")
-
-
-def demo_layouts(n: int, resolution: int = 64) -> list[dict]:
-    """The first ``n`` two-object items of the world's ``test`` split (categories colour,
-    texture, spatial) as scripts/sample.py JSONL items."""
-    from goal_jax.world import data
-
-    out, i = [], 0
-    while len(out) < n:
-        _, r = data.render_one("test", i, 0, resolution)
-        if r["category"] in DEMO_CATEGORIES and len(r["objects"]) == 2:
-            out.append({"id": f"demo-{len(out):02d}", "caption": r["caption"],
-                        "category": r["category"], "seed": i,
-                        "phrases": [o["phrase"] for o in r["objects"]],
-                        "boxes": [o["box"] for o in r["objects"]]})
-        i += 1
-    return out
 
 
 def _run(cmd: list[str]) -> None:
@@ -70,7 +52,9 @@ def main(argv=None) -> int:
               "(`git checkout assets/`), or train it with `make world`", file=sys.stderr)
         return 2
     os.makedirs(args.workdir, exist_ok=True)
-    layouts = demo_layouts(args.layouts)
+    from goal_jax.world import evaluate as world_eval
+
+    layouts = world_eval.fixed_layouts(args.layouts)
     jsonl = os.path.join(args.workdir, "layouts.jsonl")
     with open(jsonl, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(x) + "\n" for x in layouts)
@@ -90,7 +74,6 @@ def main(argv=None) -> int:
     import numpy as np
 
     from goal_jax.evaluation import oracle as oracle_lib
-    from goal_jax.world import evaluate as world_eval
 
     oracle = oracle_lib.Oracle.load()
     scores, rows = {}, []

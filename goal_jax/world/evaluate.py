@@ -41,6 +41,25 @@ def heldout_items(split, n: int, categories: Sequence[str] | None = None,
     return out
 
 
+def fixed_layouts(n: int, categories: Sequence[str] = ("color", "texture", "spatial"),
+                  resolution: int = 64) -> list[dict]:
+    """The first ``n`` two-object items of the world's ``test`` split (never trained on) in
+    ``categories``, as sampling items {"id": "demo-<k>", "caption", "category", "seed",
+    "phrases", "boxes"}: the layouts of ``make demo`` and of the shipped-world test."""
+    from goal_jax.world import data
+
+    out, i = [], 0
+    while len(out) < n:
+        _, r = data.render_one("test", i, 0, resolution)
+        if r["category"] in categories and len(r["objects"]) == 2:
+            out.append({"id": f"demo-{len(out):02d}", "caption": r["caption"],
+                        "category": r["category"], "seed": i,
+                        "phrases": [o["phrase"] for o in r["objects"]],
+                        "boxes": [o["box"] for o in r["objects"]]})
+        i += 1
+    return out
+
+
 def sample_items(pipeline, items: Sequence[dict], unet_params=None, num_steps: int = 25,
                  guidance_scale: float = 5.0, beta: float = 1.0, batch_size: int = 32,
                  max_boxes: int = 4) -> np.ndarray:
