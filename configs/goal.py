@@ -15,7 +15,7 @@ Base presets:
          attn2, GOAL2K data (``data.source``: a folder in goal_jax's on-disk format, built once
          into the TFDS dir ``data.data_dir``).
   world  GOAL fine-tuning of the shipped shapes world (assets/shapes_world, docs/world.md):
-         α = β = 0.1, AdamW 1e-4, 60 steps of batch 4 on 512 generated shapes items at 64x64,
+         α = β = 0.1, AdamW 1e-4, 300 steps of batch 4 on 512 generated shapes items at 64x64,
          MAAlign on the decoder 8x8 maps (the world U-Net attends at 8x8 only); `make demo`.
   demo   Tiny random models written in-process by goal_jax.demo_models (no download; tokenizer
          from text.write_word_vocab over the shapes vocabulary), the synthetic shapes dataset
@@ -262,7 +262,7 @@ def _world(c: ml_collections.ConfigDict) -> None:
     """The world preset: GOAL fine-tuning of the shipped shapes world (make demo)."""
     c.train.model.pipeline = os.path.join(WORLD, "pipeline")
     c.train.model.clip = os.path.join(WORLD, "clip")
-    c.train.steps = 60
+    c.train.steps = 300
     c.train.per_device_batch_size = 4
     c.train.optimizer.learning_rate = 1e-4
     c.train.alpha = 0.1
@@ -276,8 +276,8 @@ def _world(c: ml_collections.ConfigDict) -> None:
     c.data.resolution = 64
     c.data.flip = True
     c.data.max_boxes = 4
-    c.checkpoint.every_steps = 20
-    c.log.every_steps = 10
+    c.checkpoint.every_steps = 100
+    c.log.every_steps = 25
     c.sample.every_steps = 0
     c.sample.layouts = tuple(json.dumps(x) for x in DEMO_LAYOUTS)
     c.sample.num_steps = 25

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     layouts = world_eval.fixed_layouts(args.layouts)
     jsonl = os.path.join(args.workdir, "layouts.jsonl")
     with open(jsonl, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(x) + "\n" for x in layouts)
+        f.writelines(json.dumps({k: x[k] for k in ("id", "caption", "phrases", "boxes", "seed")})
+                     + "\n" for x in layouts)
     py = sys.executable
     train_dir = os.path.join(args.workdir, "train")
     _run([py, os.path.join(REPO, "scripts", "train.py"),
