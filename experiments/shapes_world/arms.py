@@ -16,6 +16,11 @@ Arms (``ARM_SPECS``; α, β relative to the paper's α = 1e-2, β = 1e-3 times t
   maalign_mid8    MAAlign on the mid block 8x8 maps (Table 7).
   maalign_down8   MAAlign on the encoder 8x8 maps (Table 7).
   goal_x<f>       GOAL with α, β = f x the paper's (the sweep; ``sweep_scales``).
+  goal_bal<r>     GOAL with α = r x |∇L_LDM| / |∇L_DSA| and β = r x |∇L_LDM| / |∇L_MAA|,
+                  the gradient-norm ratios measured at the base world (scales.py, decoder
+                  part): each alignment term pulls with r times the LDM term's strength
+                  (``balance_sweep``). With ``main_balance`` = r the ablations use these
+                  weights instead of the paper's.
 
 Sizes: ``smoke`` (two arms x one seed x a few steps: CI) and ``full`` (the reported run).
 """
@@ -45,11 +50,29 @@ class ArmSpec:
     dsa_global: bool = True
     maa_part: str = "up"
     preset: str = ""
+    balance: float | None = None
 
 
-def arm_specs(main_scale: float, sweep_scales=()) -> dict[str, ArmSpec]:
-    """All arms for a size: the ablations use ``main_scale`` x the paper's weights; one
-    ``goal_x<f>`` arm per sweep scale f (other than ``main_scale``, which is ``goal``)."""
+def arm_weights(spec: ArmSpec, balance: dict | None) -> tuple[float, float]:
+    """(α, β) of an arm: the paper's times the arm's scales, or, for a ``balance`` arm,
+    ``spec.balance`` x the measured balance weights ``balance`` = {"alpha", "beta"} (a term
+    whose scale is 0 stays off); 3 significant digits."""
+    if spec.balance is None:
+        return PAPER_ALPHA * spec.alpha_scale, PAPER_BETA * spec.beta_scale
+    if not balance or not balance.get("alpha") or not balance.get("beta"):
+        raise ValueError(f"arm {spec.name} weighs the losses by the measured loss scales, "
+                         f"which are missing ({balance})")
+    a = spec.balance * balance["alpha"] if spec.alpha_scale else 0.0
+    b = spec.balance * balance["beta"] if spec.beta_scale else 0.0
+    return float(f"{a:.3g}"), float(f"{b:.3g}")
+
+
+def arm_specs(main_scale: float, sweep_scales=(), main_balance: float | None = None,
+              balance_sweep=()) -> dict[str, ArmSpec]:
+    """All arms for a size: the ablations use ``main_scale`` x the paper's weights (or, when
+    ``main_balance`` is set, the balance weights times it); one ``goal_x<f>`` arm per sweep
+    scale f (other than ``main_scale``, which is ``goal``) and one ``goal_bal<r>`` per
+    ``balance_sweep`` value r."""
     m = float(main_scale)
     specs = [
         ArmSpec("ldm_only", "LDM-only fine-tune (α = β = 0)", 0.0, 0.0, preset="ldm_only"),
@@ -65,10 +88,18 @@ def arm_specs(main_scale: float, sweep_scales=()) -> dict[str, ArmSpec]:
         ArmSpec("maalign_down8", "GOAL, MAAlign on the encoder 8x8 maps", m, m,
                 maa_part="down"),
     ]
+    if main_balance is not None:
+        specs = [dataclasses.replace(s, balance=float(main_balance),
+                                     alpha_scale=float(bool(s.alpha_scale)),
+                                     beta_scale=float(bool(s.beta_scale))) for s in specs]
     for f in sweep_scales:
-        if float(f) != m:
+        if float(f) != m or main_balance is not None:
             specs.append(ArmSpec(f"goal_x{f:g}", f"GOAL with α, β = {f:g} x the paper's",
                                  float(f), float(f)))
+    for r in balance_sweep:
+        if main_balance is None or float(r) != float(main_balance):
+            specs.append(ArmSpec(f"goal_bal{r:g}", f"GOAL with each alignment term's gradient "
+                                 f"at {r:g} x the LDM term's (measured)", balance=float(r)))
     return {s.name: s for s in specs}
 
 
@@ -94,12 +125,15 @@ class Size:
     scale_batches: int
     main_scale: float = 1.0
     sweep_scales: tuple[float, ...] = ()
+    main_balance: float | None = None
+    balance_sweep: tuple[float, ...] = ()
     scale_parts: tuple[str, ...] = ("up", "mid", "down")
     log_every: int = 10
     checkpoint_every: int = 0
 
     def specs(self) -> dict[str, ArmSpec]:
-        every = arm_specs(self.main_scale, self.sweep_scales)
+        every = arm_specs(self.main_scale, self.sweep_scales, self.main_balance,
+                          self.balance_sweep)
         unknown = [a for a in self.arms if a not in every]
         if unknown:
             raise ValueError(f"size {self.name!r}: unknown arms {unknown}; known {list(every)}")
@@ -109,16 +143,19 @@ class Size:
 ALL_ARMS = ("ldm_only", "goal", "no_maalign", "no_dsalign", "dsalign_local", "dsalign_global",
             "maalign_mid8", "maalign_down8")
 SWEEP = (10.0, 100.0)
+BALANCE_SWEEP = (0.1, 1.0)
 
 SIZES = {
     "smoke": Size("smoke", arms=("ldm_only", "goal"), seeds=(0,), steps=3, batch_size=2,
                   learning_rate=1e-4, finetune_items=24, eval_per_category=1, sample_steps=2,
                   guidance_scale=5.0, sample_beta=1.0, scale_batches=1, scale_parts=("up",),
                   log_every=1),
-    "full": Size("full", arms=ALL_ARMS + tuple(f"goal_x{f:g}" for f in SWEEP),
+    "full": Size("full", arms=ALL_ARMS + tuple(f"goal_x{f:g}" for f in SWEEP)
+                 + tuple(f"goal_bal{r:g}" for r in BALANCE_SWEEP),
                  seeds=(0, 1, 2), steps=300, batch_size=8, learning_rate=1e-4,
                  finetune_items=2000, eval_per_category=24, sample_steps=25,
                  guidance_scale=5.0, sample_beta=1.0, scale_batches=8, sweep_scales=SWEEP,
+                 balance_sweep=BALANCE_SWEEP,
                  log_every=10, checkpoint_every=100),
 }
 
@@ -128,12 +165,15 @@ FINETUNE_MIX = {"color": 0.25, "shape": 0.15, "texture": 0.20, "spatial": 0.20,
 
 
 def run_overrides(spec: ArmSpec, size: Size, seed: int, world: dict, data_source: str,
-                  data_dir: str, cache_dir: str, num_devices: int = 1) -> dict:
-    """{config field: value} of one arm x seed: every field the experiment relies on.
+                  data_dir: str, cache_dir: str, num_devices: int = 1,
+                  balance: dict | None = None) -> dict:
+    """{config field: value} of one arm x seed: every field the experiment relies on
+    (``balance``: the measured balance weights, for :func:`arm_weights`).
 
     ``world``: {"pipeline", "clip", "resolution", "max_boxes", "maa_resolution"} of the base
     world (run.world_info; maa_resolution is 8 for the shipped world, 4 for the 32 px smoke
     world of the tests)."""
+    alpha, beta = arm_weights(spec, balance)
     return {
         "demo_models": False,
         "num_devices": num_devices,
@@ -143,8 +183,8 @@ def run_overrides(spec: ArmSpec, size: Size, seed: int, world: dict, data_source
         "train.seed": seed,
         "train.steps": size.steps,
         "train.per_device_batch_size": size.batch_size,
-        "train.alpha": PAPER_ALPHA * spec.alpha_scale,
-        "train.beta": PAPER_BETA * spec.beta_scale,
+        "train.alpha": alpha,
+        "train.beta": beta,
         "train.dsa_local": spec.dsa_local,
         "train.dsa_global": spec.dsa_global,
         "train.dsa_region": "mask",

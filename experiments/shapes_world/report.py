@@ -119,10 +119,10 @@ def _table(results: dict, rows, metric: str = "oracle", scale: float = 100.0,
 def _sweep_rows(results: dict) -> list[tuple[str, str]]:
     rows = []
     for name, arm in results["arms"].items():
-        if name == "goal" or name.startswith("goal_x"):
+        if name == "goal" or name.startswith(("goal_x", "goal_bal")):
             cfg = arm["config"]
-            rows.append((f"α = {cfg['train.alpha']:g}, β = {cfg['train.beta']:g}"
-                         + (" (goal)" if name == "goal" else ""), name))
+            rows.append((f"α = {cfg['train.alpha']:g}, β = {cfg['train.beta']:g} ({name})",
+                         name))
     rows.sort(key=lambda r: results["arms"][r[1]]["config"]["train.alpha"])
     return [("α = β = 0 (LDM-only)", "ldm_only")] + rows
 
@@ -222,8 +222,9 @@ def markdown(results: dict) -> str:
         lines += [f"## {title}", ""] + _table(results, rows) + [""]
     sweep = _sweep_rows(results)
     if sum(_has(results, a) for _, a in sweep) > 2:
-        lines += ["## α / β sweep (GOAL, MAAlign decoder 8x8)", ""] + _table(results, sweep) \
-            + [""]
+        lines += ["## α / β sweep (GOAL, MAAlign on the decoder)", "",
+                  ("goal_x<f>: f x the paper's weights; goal_bal<r>: each alignment term's "
+                  "gradient norm r x the LDM term's at the base world (see the loss scales)."), ""] + _table(results, sweep) + [""]
     all_rows = [("ground truth", "ground_truth"), ("base world", "base")] + [
         (name, name) for name in results["arms"]]
     lines += ["## Second opinion: world-CLIP score (cosine × 100)", ""] + _table(

@@ -286,6 +286,9 @@ def run(args) -> dict:
         size = dataclasses.replace(size, steps=args.steps)
     if args.seeds:
         size = dataclasses.replace(size, seeds=tuple(args.seeds))
+    if args.main_balance is not None:  # goal_bal<r> is then the goal arm itself
+        size = dataclasses.replace(size, main_balance=args.main_balance, arms=tuple(
+            a for a in size.arms if a != f"goal_bal{args.main_balance:g}"))
     if args.arms:
         size = dataclasses.replace(size, arms=tuple(args.arms))
     specs = size.specs()
@@ -306,9 +309,30 @@ def run(args) -> dict:
     disjoint = datasets.check_disjoint(datasets.read_finetune_items(ft_dir), items)
     data_dir, cache_dir = os.path.join(workdir, "tfds"), os.path.join(workdir, "jax_cache")
 
+    # 2. loss scales (in-process; builds the TFDS copy of the fine-tuning set the runs share)
+    from experiments.shapes_world import scales as scales_lib
+
+    scales_path = os.path.join(workdir, "scales.json")
+    scale_key = {"batches": size.scale_batches, "parts": list(size.scale_parts),
+                 "batch_size": size.batch_size, "world": world["path"], "data": ft_dir}
+    t0 = time.time()
+    if os.path.isfile(scales_path) and _read_json(scales_path).get("key") == scale_key:
+        scales = _read_json(scales_path)["scales"]
+    else:
+        probe = arms_lib.ArmSpec("goal", "loss-scale probe")
+        scales = scales_lib.measure(
+            arms_lib.run_overrides(probe, size, 0, world, ft_dir, data_dir, cache_dir,
+                                   args.num_devices), tuple(size.scale_parts), size.scale_batches)
+        _write_json(scales_path, {"key": scale_key, "scales": scales})
+    up = scales["parts"]["up"]
+    balance = {"alpha": up["balance_alpha"], "beta": up["balance_beta"]}
+    print(f"[experiment] loss scales measured ({time.time() - t0:.0f} s): balance weights "
+          f"α {balance['alpha']:.3g}, β {balance['beta']:.3g} (paper α "
+          f"{arms_lib.PAPER_ALPHA:g}, β {arms_lib.PAPER_BETA:g})", flush=True)
+
     def overrides(spec, seed):
         return arms_lib.run_overrides(spec, size, seed, world, ft_dir, data_dir, cache_dir,
-                                      args.num_devices)
+                                      args.num_devices, balance)
 
     results = {
         "experiment": "GOAL vs LDM-only fine-tuning in the shapes world (issue 16)",
@@ -323,7 +347,7 @@ def run(args) -> dict:
         "arms": {name: {"about": s.about, "spec": dataclasses.asdict(s),
                         "config_string": arms_lib.config_string(s, REPO).replace(REPO + "/", ""),
                         "config": overrides(s, size.seeds[0])} for name, s in specs.items()},
-        "scales": None, "references": {}, "runs": [],
+        "scales": scales, "balance": balance, "references": {}, "runs": [],
         "pictures": {"grid": "grid.png", "loss_curves": "loss_curves.png"},
         "timing": {},
     }
@@ -336,27 +360,10 @@ def run(args) -> dict:
     def save():
         _write_json(results_path, results)
 
+    results["timing"]["scales_s"] = scales["wall_s"]
     save()
     progress = Progress(len(specs) * len(size.seeds), len(specs) * len(size.seeds) + 2,
                         size.steps)
-
-    # 2. loss scales (in-process; builds the TFDS copy of the fine-tuning set the runs share)
-    from experiments.shapes_world import scales as scales_lib
-
-    scales_path = os.path.join(workdir, "scales.json")
-    scale_key = {"batches": size.scale_batches, "parts": list(size.scale_parts),
-                 "batch_size": size.batch_size, "world": world["path"], "data": ft_dir}
-    t0 = time.time()
-    if os.path.isfile(scales_path) and _read_json(scales_path).get("key") == scale_key:
-        results["scales"] = _read_json(scales_path)["scales"]
-    else:
-        base = overrides(specs.get("goal") or next(iter(specs.values())), 0)
-        results["scales"] = scales_lib.measure(base, tuple(size.scale_parts),
-                                               size.scale_batches)
-        _write_json(scales_path, {"key": scale_key, "scales": results["scales"]})
-    results["timing"]["scales_s"] = results["scales"]["wall_s"]
-    print(f"[experiment] loss scales measured ({time.time() - t0:.0f} s)", flush=True)
-    save()
 
     # 3. references
     from experiments.shapes_world import evaluate as eval_lib
@@ -428,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", nargs="*", default=None, help="subset of the size's arms")
     p.add_argument("--seeds", nargs="*", type=int, default=None, help="override the seeds")
     p.add_argument("--steps", type=int, default=None, help="override the training steps")
+    p.add_argument("--main_balance", type=float, default=None,
+                   help="the ablations use α, β = this x the measured balance weights "
+                        "(goal_bal<r>) instead of the paper's")
     p.add_argument("--num_devices", type=int, default=1,
                    help="devices per training run (config num_devices)")
     p.add_argument("--eval_batch_size", type=int, default=32, help="images per sampler call")
