@@ -152,8 +152,8 @@ SIZES = {
                   log_every=1),
     "full": Size("full", arms=ALL_ARMS + tuple(f"goal_x{f:g}" for f in SWEEP)
                  + tuple(f"goal_bal{r:g}" for r in BALANCE_SWEEP),
-                 seeds=(0, 1, 2), steps=300, batch_size=8, learning_rate=1e-4,
-                 finetune_items=2000, eval_per_category=24, sample_steps=25,
+                 seeds=(0, 1, 2), steps=200, batch_size=8, learning_rate=1e-4,
+                 finetune_items=2000, eval_per_category=32, sample_steps=15,
                  guidance_scale=5.0, sample_beta=1.0, scale_batches=8, sweep_scales=SWEEP,
                  balance_sweep=BALANCE_SWEEP,
                  log_every=10, checkpoint_every=100),
