@@ -1,0 +1,1 @@
+"""Experiments run with goal_jax's own scripts (each subpackage is one experiment)."""

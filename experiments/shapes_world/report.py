@@ -1,0 +1,349 @@
+"""results.json -> RESULTS.md (+ loss_curves.png), from results.json alone.
+
+    python -m experiments.shapes_world.report experiments/shapes_world/results.json
+
+Tables (oracle verdicts x 100, mean ± std over seeds, per T2I-CompBench-like category) in the
+layout of the paper's Table 1 (base vs LDM-only vs GOAL), Table 5 (which losses), Table 6
+(DSAlign local / global), Table 7 (MAAlign layer), the α/β sweep, the world-CLIP second
+opinion, the loss-term scales at the base world, and a closing note with GOAL − LDM-only per
+category and its standard error. The picture grid (``grid.png``) is written by the driver
+(it needs the samples); the loss curves are drawn here from the curves stored in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+CATEGORIES = ("color", "shape", "texture", "spatial", "counting", "complex")
+CURVE_TERMS = ("total", "ldm", "dsa", "maa")
+TABLES = (
+    ("Table 1 analogue: base world vs fine-tuning (T2I-CompBench-like categories)",
+     (("ground truth (world renders)", "ground_truth"), ("base world (GLIGEN)", "base"),
+      ("LDM-only fine-tune", "ldm_only"), ("GOAL", "goal"))),
+    ("Table 5 analogue: which alignment losses",
+     (("L_LDM", "ldm_only"), ("L_LDM + DSAlign", "no_maalign"),
+      ("L_LDM + MAAlign", "no_dsalign"), ("L_LDM + DSAlign + MAAlign (GOAL)", "goal"))),
+    ("Table 6 analogue: DSAlign parts (MAAlign on)",
+     (("D_local only", "dsalign_local"), ("D_global only", "dsalign_global"),
+      ("D_local + D_global (GOAL)", "goal"))),
+    ("Table 7 analogue: MAAlign layer (8x8 cross-attention: the world U-Net's only grid)",
+     (("encoder (down) 8x8", "maalign_down8"), ("mid block 8x8", "maalign_mid8"),
+      ("decoder (up) 8x8 (GOAL; the paper's decoder choice)", "goal"))),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics.
+# ----------------------------------------------------------------------------------------------
+
+
+def stats(values) -> dict:
+    """{"mean", "std" (sample, ddof=1; 0 for one value), "n"} of a list of numbers."""
+    v = np.asarray([float(x) for x in values], np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "n": int(v.size)}
+
+
+def difference(a: dict, b: dict) -> dict:
+    """a − b of two :func:`stats` with the standard error sqrt(s_a²/n_a + s_b²/n_b) (None
+    when either has fewer than two seeds) and whether |a − b| > 2 SE."""
+    if not a["n"] or not b["n"]:
+        return {"diff": None, "se": None, "significant": None}
+    diff = a["mean"] - b["mean"]
+    if a["n"] < 2 or b["n"] < 2:
+        return {"diff": diff, "se": None, "significant": None}
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return {"diff": diff, "se": se, "significant": bool(abs(diff) > 2 * se)}
+
+
+def arm_stats(results: dict, arm: str, metric: str = "oracle") -> dict:
+    """{category: stats over seeds} of ``arm`` (a trained arm, or the references "base" /
+    "ground_truth", which have one value)."""
+    if arm in results.get("references", {}):
+        ev = results["references"][arm]
+        return {c: stats([ev["categories"][c][metric]]) for c in CATEGORIES
+                if c in ev["categories"]}
+    runs = [r for r in results["runs"] if r["arm"] == arm and r.get("eval")]
+    out = {}
+    for c in CATEGORIES:
+        vals = [r["eval"]["categories"][c][metric] for r in runs
+                if c in r["eval"]["categories"]]
+        if vals:
+            out[c] = stats(vals)
+    return out
+
+
+def _has(results: dict, arm: str) -> bool:
+    return arm in results.get("references", {}) or any(
+        r["arm"] == arm and r.get("eval") for r in results["runs"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown.
+# ----------------------------------------------------------------------------------------------
+
+
+def _cell(s: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    if s["n"] > 1:
+        return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+    return f"{scale * s['mean']:.{digits}f}"
+
+
+def _table(results: dict, rows, metric: str = "oracle", scale: float = 100.0,
+           digits: int = 1) -> list[str]:
+    cats = [c for c in CATEGORIES if any(c in arm_stats(results, a, metric)
+                                        for _, a in rows if _has(results, a))]
+    lines = ["| model | seeds | " + " | ".join(cats) + " |",
+             "|---|---|" + "---|" * len(cats)]
+    for label, arm in rows:
+        if not _has(results, arm):
+            continue
+        s = arm_stats(results, arm, metric)
+        n = max((x["n"] for x in s.values()), default=0)
+        seeds = "-" if arm in results.get("references", {}) else str(n)
+        lines.append(f"| {label} | {seeds} | " + " | ".join(
+            _cell(s.get(c), scale, digits) for c in cats) + " |")
+    return lines
+
+
+def _sweep_rows(results: dict) -> list[tuple[str, str]]:
+    rows = []
+    for name, arm in results["arms"].items():
+        if name == "goal" or name.startswith(("goal_x", "goal_bal")):
+            cfg = arm["config"]
+            rows.append((f"α = {cfg['train.alpha']:g}, β = {cfg['train.beta']:g} ({name})",
+                         name))
+    rows.sort(key=lambda r: results["arms"][r[1]]["config"]["train.alpha"])
+    return [("α = β = 0 (LDM-only)", "ldm_only")] + rows
+
+
+def _scales_lines(scales: dict | None, grid: int) -> list[str]:
+    if not scales:
+        return ["(not measured)"]
+    paper = scales["paper"]
+    lines = [(f"Measured on {scales['batches']} batches of {scales.get('batch_size')} items of "
+             "the fine-tuning set at the base world, each at t drawn from each third of the "
+             "time range; |∇| = global norm of the term's gradient w.r.t. the trainable "
+             "parameters."), "",
+             ("| MAAlign part | t range | L_LDM | L_DSA (local / global) | L_MAA (in / out) | "
+             "\\|∇L_LDM\\| | \\|∇L_DSA\\| | \\|∇L_MAA\\| |"), "|---|---|---|---|---|---|---|---|"]
+    for part, p in scales["parts"].items():
+        for row in p["by_t"] + [dict(p["overall"], t_range="all")]:
+            tr = row["t_range"] if isinstance(row["t_range"], str) else \
+                f"[{row['t_range'][0]}, {row['t_range'][1]})"
+            lines.append(
+                f"| {part} {grid}x{grid} | {tr} | {row['ldm']['value']:.4g} | {row['dsa']['value']:.4g} "
+                f"({row['dsa_local']['value']:.4g} / {row['dsa_global']['value']:.4g}) | "
+                f"{row['maa']['value']:.4g} ({row['maa_in']['value']:.4g} / "
+                f"{row['maa_out']['value']:.4g}) | {row['ldm']['grad_norm']:.4g} | "
+                f"{row['dsa']['grad_norm']:.4g} | {row['maa']['grad_norm']:.4g} |")
+    lines.append("")
+    for part, p in scales["parts"].items():
+        ba, bb = p["balance_alpha"], p["balance_beta"]
+        lines.append(
+            f"* {part} {grid}x{grid}: α = {ba:.3g} would make α|∇L_DSA| = |∇L_LDM| (the paper's α = "
+            f"{paper['alpha']:g} gives {paper['alpha'] / ba:.3g} of it); β = {bb:.3g} would "
+            f"make β|∇L_MAA| = |∇L_LDM| (the paper's β = {paper['beta']:g} gives "
+            f"{paper['beta'] / bb:.3g} of it)." if ba and bb else
+            f"* {part} {grid}x{grid}: a term has zero gradient (balance α {ba}, β {bb}).")
+    return lines
+
+
+def _closing(results: dict) -> list[str]:
+    if not (_has(results, "goal") and _has(results, "ldm_only")):
+        return ["GOAL and LDM-only are not both evaluated yet."]
+    g, l = arm_stats(results, "goal"), arm_stats(results, "ldm_only")
+    lines = [("GOAL − LDM-only, oracle verdict × 100 (difference of the seed means; SE = "
+             "sqrt(s²_GOAL/n + s²_LDM/n); 'yes' when |Δ| > 2 SE):"), "",
+             "| category | GOAL | LDM-only | Δ | SE | > 2 SE |", "|---|---|---|---|---|---|"]
+    diffs = {}
+    for c in CATEGORIES:
+        if c not in g or c not in l:
+            continue
+        d = diffs[c] = difference(g[c], l[c])
+        se = "-" if d["se"] is None else f"{100 * d['se']:.1f}"
+        sig = "-" if d["significant"] is None else ("yes" if d["significant"] else "no")
+        lines.append(f"| {c} | {_cell(g[c])} | {_cell(l[c])} | {100 * d['diff']:+.1f} | {se} "
+                     f"| {sig} |")
+    lines.append("")
+    col = diffs.get("color")
+    if col and col["se"] is not None:
+        hit = col["diff"] >= 0.05 and col["significant"]
+        worse = [c for c in ("shape", "texture") if c in diffs and diffs[c]["significant"]
+                 and diffs[c]["diff"] < 0]
+        lines.append(
+            f"Target (colour +5 points beyond 2 SE, shape and texture not worse): colour "
+            f"Δ = {100 * col['diff']:+.1f} ± {100 * col['se']:.1f} -> "
+            f"{'met' if hit else 'NOT met'}; shape/texture significantly worse: "
+            f"{', '.join(worse) if worse else 'none'}.")
+    else:
+        lines.append("Fewer than two seeds per arm: no standard error, so no claim either way.")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    size, ev, ft = results["size"], results["eval"], results["finetune_set"]
+    lines = [
+        "# GOAL in the shapes world: does DSAlign + MAAlign beat LDM-only fine-tuning?", "",
+        (f"Generated by `python -m experiments.shapes_world.report` from `results.json` "
+        f"(size `{size['name']}`; command `{results['command']}`)."), "",
+        "## Set-up", "",
+        f"* Base world: `{results['world']['path']}` (GLIGEN pipeline + world CLIP).",
+        (f"* Fine-tuning set: {ft['items']} items of the world's `finetune` split "
+        f"({', '.join(f'{c} {n}' for c, n in ft['quotas'].items())}); evaluation layouts: "
+        f"{ev['per_category']} per category from the `eval` split "
+        f"({ft['disjoint']['shared_layouts']} layouts shared with the fine-tuning set; "
+        f"{ft['disjoint']['eval_captions_in_finetune']} of {ft['disjoint']['eval_layouts']} "
+        "evaluation captions also occur there with other boxes)."),
+        (f"* Every arm: scripts/train.py `configs/goal.py:demo` + explicit overrides, "
+        f"{size['steps']} steps of batch {size['batch_size']}, AdamW lr "
+        f"{size['learning_rate']:g} constant, trainable: the paper's fusers + attn1 + attn2; "
+        f"seeds {', '.join(str(s) for s in size['seeds'])} (train.seed = data.seed)."),
+        (f"* Sampling: DDIM {ev['settings']['num_steps']} steps, CFG "
+        f"{ev['settings']['guidance_scale']:g}, grounding for the first "
+        f"{ev['settings']['beta']:g} of the steps; the same layouts and noise seeds for "
+        "every arm."),
+        ("* Metric: the world oracle's verdict (pixels only; goal_jax.evaluation.oracle) × 100; "
+        "mean ± std over seeds. Second opinion: world-CLIP image–caption cosine (× 100), "
+        "which DSAlign optimises directly, so it is not independent."), ""]
+    for title, rows in TABLES:
+        if sum(_has(results, a) for _, a in rows) < 2:
+            continue
+        lines += [f"## {title}", ""] + _table(results, rows) + [""]
+    sweep = _sweep_rows(results)
+    if sum(_has(results, a) for _, a in sweep) > 2:
+        lines += ["## α / β sweep (GOAL, MAAlign on the decoder)", "",
+                  ("goal_x<f>: f x the paper's weights; goal_bal<r>: each alignment term's "
+                  "gradient norm r x the LDM term's at the base world (see the loss scales)."), ""] + _table(results, sweep) + [""]
+    all_rows = [("ground truth", "ground_truth"), ("base world", "base")] + [
+        (name, name) for name in results["arms"]]
+    lines += ["## Second opinion: world-CLIP score (cosine × 100)", ""] + _table(
+        results, all_rows, metric="clip") + [""]
+    lines += ["## Scale of the loss terms at the base world", ""] + _scales_lines(
+        results.get("scales"), results["world"]["maa_resolution"]) + [""]
+    lines += ["## Pictures", "",
+              (f"Same layouts across arms (seed {size['seeds'][0]} of each arm; boxes drawn): "
+              f"![grid]({results['pictures']['grid']})"), "",
+              (f"Loss curves (mean over seeds of each logged interval): "
+              f"![loss curves]({results['pictures']['loss_curves']})"), ""]
+    lines += ["## Closing note", ""] + _closing(results) + [""]
+    t = results.get("timing", {})
+    if t:
+        lines += ["## Cost", "", (f"Training {t.get('train_s', 0) / 60:.1f} min, evaluation "
+                  f"{t.get('eval_s', 0) / 60:.1f} min, loss scales "
+                  f"{t.get('scales_s', 0) / 60:.1f} min on `{t.get('devices')}`; mean "
+                  f"{t.get('train_step_s_mean', float('nan')):.3f} s per training step."), ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss curves (PIL: no plotting dependency).
+# ----------------------------------------------------------------------------------------------
+
+_LINE_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34),
+                (23, 190, 207))
+
+
+def mean_curves(results: dict) -> dict:
+    """{arm: {term: [(step, mean over seeds)]}} from the runs' stored curves (steps logged by
+    every seed of the arm)."""
+    out = {}
+    for arm in results["arms"]:
+        curves = [r["train"]["curve"] for r in results["runs"]
+                  if r["arm"] == arm and r.get("train")]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*[{p["step"] for p in c} for c in curves]))
+        out[arm] = {}
+        for term in CURVE_TERMS:
+            by_step = [{p["step"]: p.get(term) for p in c} for c in curves]
+            out[arm][term] = [(s, float(np.mean([b[s] for b in by_step]))) for s in steps
+                              if all(b[s] is not None for b in by_step)]
+    return out
+
+
+def plot_loss_curves(results: dict, path: str, panel: tuple[int, int] = (360, 240)) -> str:
+    """Writes a PNG: one panel per term (total, ldm, dsa, maa), one line per arm."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    curves = mean_curves(results)
+    font = ImageFont.load_default()
+    pw, ph = panel
+    legend_h = 16 * (len(curves) // 3 + 1) + 8
+    img = Image.new("RGB", (2 * pw, 2 * ph + legend_h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    colors = {arm: _LINE_COLORS[i % len(_LINE_COLORS)] for i, arm in enumerate(curves)}
+    for k, term in enumerate(CURVE_TERMS):
+        ox, oy = (k % 2) * pw, (k // 2) * ph
+        left, top, right, bottom = ox + 50, oy + 20, ox + pw - 10, oy + ph - 25
+        draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+        draw.text((ox + pw // 2 - 20, oy + 4), f"L_{term}" if term != "total" else "total",
+                  fill=(0, 0, 0), font=font)
+        pts = [(s, v) for c in curves.values() for s, v in c[term]]
+        if not pts:
+            draw.text((left + 10, top + 10), "(no data)", fill=(0, 0, 0), font=font)
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-9
+        draw.text((ox + 2, top), f"{y1:.3g}", fill=(0, 0, 0), font=font)
+        draw.text((ox + 2, bottom - 10), f"{y0:.3g}", fill=(0, 0, 0), font=font)
+        draw.text((left, bottom + 4), f"step {x0}", fill=(0, 0, 0), font=font)
+        draw.text((right - 50, bottom + 4), f"{x1}", fill=(0, 0, 0), font=font)
+
+        def xy(s, v, box=(left, top, right, bottom), rng=(x0, x1, y0, y1)):
+            return (box[0] + (s - rng[0]) / (rng[1] - rng[0]) * (box[2] - box[0]),
+                    box[3] - (v - rng[2]) / (rng[3] - rng[2]) * (box[3] - box[1]))
+
+        for arm, c in curves.items():
+            line = [xy(s, v) for s, v in c[term]]
+            if len(line) > 1:
+                draw.line(line, fill=colors[arm], width=2)
+            elif line:
+                x, y = line[0]
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colors[arm])
+    for i, arm in enumerate(curves):
+        x, y = 10 + (i % 3) * (2 * pw // 3), 2 * ph + 4 + (i // 3) * 16
+        draw.rectangle([x, y + 4, x + 14, y + 8], fill=colors[arm])
+        draw.text((x + 18, y), arm, fill=(0, 0, 0), font=font)
+    img.save(path)
+    return path
+
+
+def write(results_path: str) -> tuple[str, str]:
+    """Regenerates RESULTS.md and the loss-curve PNG next to ``results_path``."""
+    with open(results_path, encoding="utf-8") as f:
+        results = json.load(f)
+    folder = os.path.dirname(os.path.abspath(results_path))
+    png = plot_loss_curves(results, os.path.join(folder, results["pictures"]["loss_curves"]))
+    md = os.path.join(folder, "RESULTS.md")
+    with open(md, "w", encoding="utf-8") as f:
+        f.write(markdown(results))
+    return md, png
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="results.json -> RESULTS.md + loss_curves.png")
+    p.add_argument("results", help="path of results.json")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.results):
+        print(f"report: no such file: {args.results}", file=sys.stderr)
+        return 2
+    md, png = write(args.results)
+    print(f"wrote {md} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

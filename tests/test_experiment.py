@@ -1,0 +1,191 @@
+"""The shapes-world GOAL experiment driver (experiments/shapes_world).
+
+The smoke run (two arms x one seed x three steps) runs on the shipped world
+(assets/shapes_world) when it is there, else on a smoke world built here with
+scripts/world.py :smoke (never skipped). Checked: results.json has every field for every
+arm x seed x category, the arms' configs are what they claim, RESULTS.md is regenerated
+from results.json alone, and a rerun resumes without training again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(REPO, "assets", "shapes_world")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    if os.path.isdir(os.path.join(SHIPPED, "pipeline")):
+        return SHIPPED
+    work = str(tmp_path_factory.mktemp("world"))
+    out = os.path.join(work, "out")
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "world.py"), "--config",
+                    os.path.join(REPO, "configs", "world.py") + ":smoke", "--workdir", work,
+                    "--out", out], check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(world, tmp_path_factory):
+    from experiments.shapes_world import run
+
+    base = tmp_path_factory.mktemp("exp")
+    workdir, out = str(base / "work"), str(base / "out")
+    argv = ["--world", world, "--workdir", workdir, "--out", out, "--size", "smoke"]
+    assert run.main(argv) == 0
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    return {"argv": argv, "workdir": workdir, "out": out, "results": results}
+
+
+def test_results_have_every_arm_seed_category(smoke):
+    from experiments.shapes_world import arms
+
+    r = smoke["results"]
+    size = arms.SIZES["smoke"]
+    assert r["size"]["name"] == "smoke" and r["size"]["steps"] == 3
+    assert sorted(r["arms"]) == sorted(size.arms) == ["goal", "ldm_only"]
+    assert [(x["arm"], x["seed"]) for x in r["runs"]] == [("ldm_only", 0), ("goal", 0)]
+    n_items = size.eval_per_category * len(arms.CATEGORIES)
+    assert len(r["eval"]["layouts"]) == n_items
+    for run in r["runs"] + [{"eval": v} for v in r["references"].values()]:
+        ev = run["eval"]
+        assert set(ev["categories"]) == set(arms.CATEGORIES)
+        for s in ev["categories"].values():
+            assert s["n"] == size.eval_per_category
+            assert 0.0 <= s["oracle"] <= 1.0 and -1.0 <= s["clip"] <= 1.0
+        assert ev["settings"]["num_steps"] == size.sample_steps
+    for run in r["runs"]:
+        assert len(run["eval_items"]) == n_items
+        assert np.isclose(run["eval"]["oracle"],
+                          np.mean([it["verdict"] for it in run["eval_items"]]))
+        assert run["eval"]["checkpoint"]["step"] == 3
+        curve = run["train"]["curve"]
+        assert [p["step"] for p in curve] == [1, 2, 3]
+        assert all(np.isfinite(p["ldm"]) and p["ldm"] > 0 for p in curve)
+    # The world's own renders are what the oracle was made for: it must read them well.
+    assert r["references"]["ground_truth"]["oracle"] >= 0.6
+    assert set(r["finetune_set"]["quotas"]) == set(arms.CATEGORIES)
+    assert r["finetune_set"]["disjoint"]["shared_layouts"] == 0
+    assert r["timing"]["train_step_s_mean"] > 0
+
+
+def test_arm_configs_differ_only_in_the_losses(smoke):
+    r = smoke["results"]
+    ldm, goal = r["arms"]["ldm_only"]["config"], r["arms"]["goal"]["config"]
+    assert (ldm["train.alpha"], ldm["train.beta"]) == (0.0, 0.0)
+    assert (goal["train.alpha"], goal["train.beta"]) == (1e-2, 1e-3)
+    assert goal["train.maa_part"] == "up"
+    assert goal["train.maa_resolution"] == r["world"]["maa_resolution"] == (
+        8 if r["world"]["resolution"] == 64 else 4)
+    assert {k for k in goal if goal[k] != ldm[k]} == {"train.alpha", "train.beta"}
+    assert goal["data.source"] == r["finetune_set"]["folder"]
+    assert goal["demo_models"] is False and goal["num_devices"] == 1
+    by_arm = {x["arm"]: x["train"]["final"] for x in r["runs"]}
+    # α = β = 0 never computes the alignment terms; GOAL does, and its total is eq. 15.
+    assert by_arm["ldm_only"]["dsa"] == 0.0 and by_arm["ldm_only"]["maa"] == 0.0
+    g = by_arm["goal"]
+    assert g["dsa"] > 0 and g["maa"] > 0
+    np.testing.assert_allclose(g["total"], g["ldm"] + 1e-2 * g["dsa"] + 1e-3 * g["maa"],
+                               rtol=1e-5)
+
+
+def test_loss_scales_measured(smoke):
+    s = smoke["results"]["scales"]
+    part = s["parts"]["up"]
+    assert [b["t_range"][0] for b in part["by_t"]] == sorted(b["t_range"][0] for b in part["by_t"])
+    for term in ("ldm", "dsa", "maa"):
+        assert part["overall"][term]["value"] > 0
+        assert part["overall"][term]["grad_norm"] > 0
+    np.testing.assert_allclose(part["balance_alpha"], part["overall"]["ldm"]["grad_norm"]
+                               / part["overall"]["dsa"]["grad_norm"], rtol=1e-6)
+    np.testing.assert_allclose(part["overall"]["dsa"]["value"],
+                               np.mean([b["dsa"]["value"] for b in part["by_t"]]), rtol=1e-5)
+
+
+def test_results_md_regenerated_from_results_json_alone(smoke, tmp_path):
+    from experiments.shapes_world import report
+
+    out = smoke["out"]
+    with open(os.path.join(out, "RESULTS.md"), encoding="utf-8") as f:
+        written = f.read()
+    assert os.path.getsize(os.path.join(out, "grid.png")) > 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(out, "results.json"), alone / "results.json")
+    assert report.main([str(alone / "results.json")]) == 0
+    assert (alone / "RESULTS.md").read_text(encoding="utf-8") == written
+    assert (alone / "loss_curves.png").stat().st_size > 0
+    r = smoke["results"]
+    goal = report.arm_stats(r, "goal")["color"]["mean"]
+    assert f"| GOAL | 1 | {100 * goal:.1f} |" in written
+    assert "## Table 1 analogue" in written and "## Closing note" in written
+    assert "Fewer than two seeds per arm" in written
+
+
+def test_rerun_resumes_without_training(smoke, capsys):
+    from experiments.shapes_world import run
+
+    logs = {x["arm"]: os.path.join(x["run_dir"], "train.log") for x in smoke["results"]["runs"]}
+    before = {a: os.path.getsize(p) for a, p in logs.items()}
+    assert run.main(smoke["argv"]) == 0
+    printed = capsys.readouterr().out
+    assert "training " not in printed and "ETA" in printed
+    assert {a: os.path.getsize(p) for a, p in logs.items()} == before
+    with open(os.path.join(smoke["out"], "results.json"), encoding="utf-8") as f:
+        again = json.load(f)
+    assert [x["eval"]["categories"] for x in again["runs"]] == \
+        [x["eval"]["categories"] for x in smoke["results"]["runs"]]
+
+
+def test_changed_config_in_existing_run_is_refused(smoke, capsys):
+    from experiments.shapes_world import run
+
+    assert run.main(smoke["argv"] + ["--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with another configuration" in err and "train.steps" in err
+
+
+def test_missing_world_is_an_error(tmp_path, capsys):
+    from experiments.shapes_world import run
+
+    assert run.main(["--world", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w"),
+                     "--out", str(tmp_path / "o"), "--size", "smoke"]) == 2
+    assert f"no {tmp_path / 'nowhere' / 'pipeline'}" in capsys.readouterr().err
+
+
+def test_quotas_and_disjointness():
+    from experiments.shapes_world import arms, datasets
+
+    q = datasets.category_quotas(2000, arms.FINETUNE_MIX)
+    assert sum(q.values()) == 2000 and q["color"] == 500 and q["counting"] == 100
+    assert sum(datasets.category_quotas(7, arms.FINETUNE_MIX).values()) == 7
+    ft = [{"id": "a", "caption": "a red circle and a blue star",
+           "annotations": [{"phrase": "a red circle", "box": [0.1, 0.1, 0.4, 0.4]},
+                           {"phrase": "a blue star", "box": [0.5, 0.5, 0.9, 0.9]}]}]
+    ev = [{"id": "e", "caption": "a red circle and a blue star",
+           "boxes": [[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]]}]
+    with pytest.raises(ValueError, match=r"\('e', 'a'\)"):
+        datasets.check_disjoint(ft, ev)
+    ev[0]["boxes"][0] = [0.2, 0.1, 0.4, 0.4]
+    assert datasets.check_disjoint(ft, ev)["eval_captions_in_finetune"] == 1
+
+
+def test_difference_standard_error():
+    from experiments.shapes_world import report
+
+    a, b = report.stats([0.6, 0.7, 0.8]), report.stats([0.4, 0.5, 0.6])
+    d = report.difference(a, b)
+    np.testing.assert_allclose(d["diff"], 0.2)
+    np.testing.assert_allclose(d["se"], np.sqrt(2 * 0.01 / 3))
+    assert d["significant"] is True
+    assert report.difference(report.stats([0.5]), b)["se"] is None
