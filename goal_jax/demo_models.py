@@ -21,40 +21,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zlib
 from typing import Sequence
 
 import numpy as np
 
+from goal_jax.world import models as world_models
+
 DEMO_RESOLUTION = 64
 
-SCHEDULER_CONFIG = {
-    # Stable Diffusion 1.x's scheduler_config.json (PNDM, scaled_linear 0.00085 -> 0.012).
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
-
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionGLIGENPipeline",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
+# SD-1.x's scheduler config and the GLIGEN pipeline's model_index.json (shared with the world).
+SCHEDULER_CONFIG = world_models.SCHEDULER_CONFIG
+MODEL_INDEX = world_models.MODEL_INDEX
 
 
 def unet_config_dict(sample_size: int = DEMO_RESOLUTION // 4) -> dict:
@@ -165,37 +142,8 @@ def demo_vocabulary() -> tuple[str, ...]:
 
 
 def _init_params(module, seed: int) -> dict:
-    """Random parameters for ``module`` without running it (no compile: seconds, not minutes).
-
-    Shapes come from ``jax.eval_shape``; values are drawn per parameter from a numpy generator
-    seeded by (seed, parameter path): Dense/Conv ``kernel`` ~ N(0, 1/fan_in), ``embedding`` and
-    other free tensors ~ N(0, 0.02^2), norm ``scale`` = 1, ``bias`` = 0, ``logit_scale`` =
-    log(1/0.07) and the GLIGEN gates ``alpha_attn``/``alpha_dense`` = 0, as diffusers and
-    transformers initialise them.
-    """
-    from flax import traverse_util
-
-    from goal_jax import weights
-
-    shapes = traverse_util.flatten_dict(weights.param_shapes(module, *module.dummy_inputs()))
-    params = {}
-    for path, spec in shapes.items():
-        name = "/".join(path)
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        leaf, shape = path[-1], tuple(spec.shape)
-        if leaf == "kernel":
-            fan_in = int(np.prod(shape[:-1])) or 1
-            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
-        elif leaf == "scale":
-            value = np.ones(shape)
-        elif leaf == "bias" or leaf.startswith("alpha_"):
-            value = np.zeros(shape)
-        elif leaf == "logit_scale":
-            value = np.full(shape, np.log(1 / 0.07))
-        else:
-            value = rng.normal(0.0, 0.02, shape)
-        params[path] = value.astype(np.float32)
-    return traverse_util.unflatten_dict(params)
+    """Random parameters without running the module: goal_jax.world.models.init_params."""
+    return world_models.init_params(module, seed)
 
 
 def _write_json(path: str, obj) -> None:
