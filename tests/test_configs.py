@@ -89,7 +89,7 @@ def test_config_file_imports_only_ml_collections():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert imported == {"__future__", "json", "re", "ml_collections"}
+    assert imported == {"__future__", "json", "os", "re", "ml_collections"}
 
 
 def test_demo_preset_values():
@@ -121,8 +121,21 @@ def test_ablations(name, expected):
     assert set(goal.ABLATIONS) >= {name}
 
 
+def test_world_preset_points_at_the_shipped_world_and_validates():
+    c = goal.get_config("world")
+    assert c.train.model.pipeline == os.path.join(REPO, "assets", "shapes_world", "pipeline")
+    assert c.train.model.clip == os.path.join(REPO, "assets", "shapes_world", "clip")
+    assert not c.demo_models and (c.train.maa_part, c.train.maa_resolution) == ("up", 8)
+    assert c.data.resolution == 64 and c.data.max_boxes == 4 and c.data.shapes_items == 512
+    config_checks.validate_config(c)  # the world's U-Net has cross-attention in up 8x8
+    bad = goal.get_config("world")
+    bad.train.maa_resolution = 16  # the world attends at 8x8 only
+    with pytest.raises(ValueError, match="maa"):
+        config_checks.validate_config(bad)
+
+
 def test_unknown_preset_and_ablation():
-    with pytest.raises(ValueError, match=r"unknown preset 'papr'.*one of \['paper', 'demo'\]"):
+    with pytest.raises(ValueError, match=r"unknown preset 'papr'.*one of \['paper', 'demo', 'world'\]"):
         goal.get_config("papr")
     with pytest.raises(ValueError, match=r"unknown ablation 'no_mal' in config string "
                                          r"'paper,no_mal'"):

@@ -25,33 +25,16 @@ from goal_jax import layout as layout_lib
 
 
 def load_run_unet(checkpoint_dir: str, base_params):
-    """The U-Net of a training run: the trainable leaves of its latest checkpoint (state
-    ``params``) over ``base_params``. -> (params, {"step", "replaced", "total"}).
+    """The U-Net of a training run: the trainable leaves of its latest checkpoint over
+    ``base_params`` (goal_jax.weights.load_trained_unet: params only, never the optimizer
+    state). -> (params, {"step", "replaced", "total"}).
 
-    Raises ValueError naming the directory when a leaf is not a U-Net parameter of the base
-    or has another shape."""
-    import jax.numpy as jnp
-    from flax import traverse_util
+    Raises goal_jax.weights.CheckpointError (a ValueError) naming the directory when a leaf is
+    not a U-Net parameter of the base, has another shape or is not finite."""
+    from goal_jax import weights
 
-    from goal_jax import checkpoints
-
-    manager = checkpoints.CheckpointManager(checkpoint_dir, async_save=False)
-    try:
-        step = manager.resolve_step()
-        tree = manager.restore_arrays(step)
-    finally:
-        manager.close()
-    base = traverse_util.flatten_dict(dict(base_params))
-    flat = traverse_util.flatten_dict(dict(tree["params"]))
-    bad = [("/".join(k), np.shape(v)) for k, v in flat.items()
-           if k not in base or tuple(np.shape(v)) != tuple(base[k].shape)]
-    if bad:
-        raise ValueError(f"checkpoint {checkpoint_dir} step {step}: {len(bad)} leaves are not "
-                         f"U-Net parameters of the base world (name, shape): {bad[:5]}")
-    merged = dict(base)
-    merged.update({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
-    return traverse_util.unflatten_dict(merged), {"step": step, "replaced": len(flat),
-                                                  "total": len(base)}
+    params, info = weights.load_trained_unet(checkpoint_dir, base_params)
+    return params, {k: info[k] for k in ("step", "replaced", "total")}
 
 
 class Evaluator:
@@ -62,12 +45,12 @@ class Evaluator:
                  max_boxes: int = 4, oracle_dir: str | None = None):
         import jax
 
-        from goal_jax import checkpoints, sampling
+        from goal_jax import sampling, weights
         from goal_jax import text as text_lib
         from goal_jax.evaluation import oracle as oracle_lib
 
         self.items = list(items)
-        self.pipe = checkpoints.load_pipeline(pipeline_dir)
+        self.pipe = weights.load_pipeline(pipeline_dir)
         self.sampler = sampling.GroundedSampler(self.pipe, devices=jax.devices()[:1],
                                                 max_boxes=max_boxes)
         self.options = sampling.SampleOptions(sampler="ddim", num_steps=num_steps,
@@ -76,7 +59,7 @@ class Evaluator:
                          "guidance_scale": guidance_scale, "beta": beta}
         self.batch_size = min(batch_size, len(self.items))
         self.oracle = oracle_lib.Oracle.load(oracle_dir)
-        clip, clip_params = checkpoints.load_component(clip_dir, "clip")
+        clip, clip_params = weights.load_component(clip_dir, "clip")
         self.clip, self.clip_params = clip, clip_params
         has_tokenizer = any(os.path.isfile(os.path.join(clip_dir, f))
                             for f in ("vocab.json", "tokenizer.json"))
