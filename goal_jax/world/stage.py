@@ -85,7 +85,10 @@ def run_stage(name: str, stage_dir: str, state: dict, step_fn: Callable, batch_f
     done_path = os.path.join(stage_dir, "done.json")
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(stage_dir, "ckpt")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        # Synchronous saves: a stage saves every few hundred steps, and a save finished before
+        # the next step starts cannot race the deletion of the previous one.
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             enable_async_checkpointing=False))
     start = 0
     latest = manager.latest_step()
     if latest is not None:
