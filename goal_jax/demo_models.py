@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from typing import Sequence
 
 import numpy as np
@@ -35,31 +36,11 @@ MODEL_INDEX = world_models.MODEL_INDEX
 
 
 def unet_config_dict(sample_size: int = DEMO_RESOLUTION // 4) -> dict:
-    """diffusers ``UNet2DConditionModel`` config.json of the demo GLIGEN U-Net."""
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": sample_size,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64],
-        "layers_per_block": 1,
-        "attention_head_dim": 8,
-        "cross_attention_dim": 32,
-        "norm_num_groups": 8,
-        "norm_eps": 1e-5,
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "downsample_padding": 1,
-        "center_input_sample": False,
-        "use_linear_projection": False,
-        "upcast_attention": False,
-        "only_cross_attention": False,
-        "attention_type": "gated",
-    }
+    """diffusers ``UNet2DConditionModel`` config.json of the demo GLIGEN U-Net: 32/64 channels,
+    cross-attention in the first (16x16) level and the mid block (world_models.unet_config)."""
+    size = types.SimpleNamespace(channels=(32, 64), attention=(True, False), layers_per_block=1,
+                                 head_dim=8, norm_groups=8)
+    return world_models.unet_config(size, sample_size, cross_attention_dim=32)
 
 
 def vae_config_dict(sample_size: int = DEMO_RESOLUTION) -> dict:
