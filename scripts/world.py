@@ -3,6 +3,8 @@
     python scripts/world.py --config configs/world.py --workdir runs/world --out assets/shapes_world
     python scripts/world.py --config configs/world.py:smoke --workdir /tmp/w --out /tmp/w/out
     python scripts/world.py ... --config.ldm.steps=4000      # any field can be overridden
+    python scripts/world.py --config configs/world.py --workdir runs/gligen --out runs/gligen/out \
+        --base assets/shapes_world     # only the GLIGEN stage, on the shipped VAE/CLIP/LDM
 
 Stages, in order (each logs progress with ETA, saves its state every ``save_every`` steps and
 resumes from there; a finished stage is only reloaded): render the data, train the VAE, train
@@ -28,6 +30,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "World config file with an optional preset: configs/world.py:smoke.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Working folder (rendered data, stage checkpoints).")
 flags.DEFINE_string("out", None, "Output folder (pipeline/, clip/, world.json).")
+flags.DEFINE_string("base", None, "Rerun only the GLIGEN stage (then export and evaluate) on the "
+                    "VAE, CLIP and LDM U-Net of the world in this folder (pipeline/, clip/, "
+                    "world.json), e.g. assets/shapes_world.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -40,7 +45,11 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    recipe.run(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out, command=command)
+    if flags.FLAGS.base:
+        recipe.run_gligen_stage(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out,
+                                flags.FLAGS.base, command=command)
+    else:
+        recipe.run(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out, command=command)
 
 
 if __name__ == "__main__":

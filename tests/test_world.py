@@ -117,6 +117,32 @@ def test_world_recipe_smoke(tmp_path):
     again = json.loads((out / "world.json").read_text())
     assert again["stages"]["ldm"] == record["stages"]["ldm"]
 
+    # --base: only the GLIGEN stage reruns, on the base world's VAE / CLIP / LDM U-Net.
+    out2 = tmp_path / "out2"
+    third = subprocess.run(cmd[:-4] + ["--workdir", str(tmp_path / "work2"), "--out", str(out2),
+                                       "--base", str(out)],
+                           capture_output=True, text=True, env=env, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "[gligen] step 4/4" in third.stdout
+    assert "[ldm] step" not in third.stdout and "[vae] step" not in third.stdout
+    rerun = json.loads((out2 / "world.json").read_text())
+    assert rerun["stages"]["ldm"] == dict(record["stages"]["ldm"], reused_from=str(out))
+    from flax import traverse_util
+
+    from goal_jax import weights
+
+    base = traverse_util.flatten_dict(
+        weights.load_component(str(out / "pipeline" / "unet"), "unet")[1], sep="/")
+    new = traverse_util.flatten_dict(
+        weights.load_component(str(out2 / "pipeline" / "unet"), "unet")[1], sep="/")
+    assert base.keys() == new.keys()
+    for k in base:
+        if "fuser/" in k or "position_net/" in k:
+            continue
+        np.testing.assert_array_equal(new[k], base[k], err_msg=k)  # the base is frozen
+    gates = [float(v) for k, v in new.items() if k.endswith("alpha_attn")]
+    assert gates and all(abs(g - 0.5) < 0.01 for g in gates)  # gate_init 0.5, 4 small steps
+
     # The exported pipeline loads in diffusers and samples; the CLIP folder in transformers.
     import diffusers
     import transformers
@@ -130,3 +156,29 @@ def test_world_recipe_smoke(tmp_path):
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
     clip = transformers.CLIPModel.from_pretrained(str(out / "clip"))
     assert clip.config.vision_config.image_size == 32
+
+
+def test_timestep_sampling_and_loss_weighting():
+    from goal_jax import schedule as schedule_lib
+    from goal_jax.world import models, unet_stage
+
+    rng = np.random.default_rng(0)
+    uniform = unet_stage.sample_timesteps(rng, 200_000, 1000, "uniform")
+    cubic = unet_stage.sample_timesteps(rng, 200_000, 1000, "cubic")
+    for t in (uniform, cubic):
+        assert t.min() == 0 and t.max() == 999
+    assert abs((uniform >= 500).mean() - 0.5) < 0.005
+    # P(t >= T/2) = P(u^3 <= 1/2) = 2^(-1/3)
+    assert abs((cubic >= 500).mean() - 2 ** (-1 / 3)) < 0.005
+    with pytest.raises(ValueError, match="unknown timestep sampling 'cosine'"):
+        unet_stage.sample_timesteps(rng, 4, 1000, "cosine")
+
+    sched = schedule_lib.DDPMSchedule.from_config(models.SCHEDULER_CONFIG)
+    t = np.array([0, 300, 600, 999])
+    abar = np.asarray(sched.alphas_cumprod)[t]
+    w = np.asarray(unet_stage.loss_weight(sched.alphas_cumprod, t, "x0_clipped"))
+    np.testing.assert_allclose(w, np.clip((1 - abar) / abar, 1, 10), rtol=1e-6)
+    assert w[0] == 1.0 and w[-1] == 10.0
+    np.testing.assert_array_equal(unet_stage.loss_weight(sched.alphas_cumprod, t, "eps"), 1.0)
+    with pytest.raises(ValueError, match="unknown loss weighting 'snr'"):
+        unet_stage.loss_weight(sched.alphas_cumprod, t, "snr")

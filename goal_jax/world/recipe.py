@@ -95,14 +95,28 @@ def run(config, workdir: str, out: str, command: str = "", log=print) -> dict:
     unet_params = models.init_params(unet, config.seed + 3)
     ldm_info, unet_params = unet_stage.train(config, workdir, "ldm", unet_params, text_encoder,
                                              text_params, latents, cache, log)
-    gligen_info, unet_params = unet_stage.train(config, workdir, "gligen", unet_params,
-                                                text_encoder, text_params, latents, cache, log)
+    stages = {"vae": vae_info, "clip": clip_info, "ldm": ldm_info}
+    return _gligen_and_export(config, workdir, out, unet, unet_params, text_encoder,
+                              text_config, text_params, latents, cache, heldout, stages,
+                              timings, command, log)
+
+
+def _gligen_and_export(config, workdir: str, out: str, unet, unet_params, text_encoder,
+                       text_config: dict, text_params, latents, cache, heldout, stages: dict,
+                       timings: dict, command: str, log) -> dict:
+    """The GLIGEN stage from ``unet_params`` (its GLIGEN layers untrained), the export of
+    ``<out>/pipeline`` and ``<out>/clip``, the evaluation and ``<out>/world.json``."""
+    unet_params = unet_stage.set_gates(unet_params, config.gligen.get("gate_init", 0.0))
+    stages["gligen"], unet_params = unet_stage.train(config, workdir, "gligen", unet_params,
+                                                     text_encoder, text_params, latents, cache,
+                                                     log)
 
     pipeline_dir = os.path.join(out, "pipeline")
     write_pipeline(pipeline_dir, workdir, unet, unet_params, text_config, text_params)
     clip_out = os.path.join(out, "clip")
-    shutil.rmtree(clip_out, ignore_errors=True)
-    shutil.copytree(os.path.join(workdir, "clip"), clip_out)
+    if os.path.abspath(clip_out) != os.path.abspath(os.path.join(workdir, "clip")):
+        shutil.rmtree(clip_out, ignore_errors=True)
+        shutil.copytree(os.path.join(workdir, "clip"), clip_out)
 
     t = time.time()
     evaluation = evaluate_world(config, pipeline_dir, heldout, unet_params=None,
@@ -120,13 +134,63 @@ def run(config, workdir: str, out: str, command: str = "", log=print) -> dict:
                  "train_items": config.data.train_items,
                  "heldout_items": config.data.heldout_items,
                  "resolution": config.data.resolution, "seed": config.seed},
-        "stages": {"vae": vae_info, "clip": clip_info, "ldm": ldm_info, "gligen": gligen_info},
+        "stages": stages,
         "timings_s": timings,
         "size_bytes": {"pipeline": folder_size(pipeline_dir), "clip": folder_size(clip_out)},
     }
     _write_json(os.path.join(out, "world.json"), record)
     log(f"[world] wrote {out} ({sum(record['size_bytes'].values()) / 2**20:.1f} MiB)")
     return record
+
+
+def run_gligen_stage(config, workdir: str, out: str, base: str, command: str = "",
+                     log=print) -> dict:
+    """Reruns only the GLIGEN stage (and the export and evaluation) on the VAE, CLIP and
+    LDM-pretrained U-Net of the world at ``base`` (a folder with ``pipeline/``, ``clip/`` and
+    ``world.json``, e.g. assets/shapes_world): for a change of the GLIGEN stage's settings
+    without the ~60 minutes of the other stages. The base's GLIGEN layers are discarded (they
+    restart from the same initialisation as in :func:`run`); world.json keeps the base's
+    records of the other stages under ``stages`` (each with ``"reused_from": base``)."""
+    with open(os.path.join(base, "world.json"), encoding="utf-8") as f:
+        base_record = json.load(f)
+    for key in ("data", "model"):
+        if json.dumps(base_record["config"][key], sort_keys=True) != config[key].to_json(
+                sort_keys=True):
+            raise ValueError(f"config.{key} differs from the base world's ({base}/world.json): "
+                             "the GLIGEN stage can only be rerun on the same data and models")
+    os.makedirs(workdir, exist_ok=True)
+    timings = {}
+    t0 = time.time()
+    train_split = data.WorldSplit(data.render_split(
+        os.path.join(workdir, "data", "train"), "train", config.data.train_items, config.seed,
+        config.data.resolution, log))
+    heldout = data.WorldSplit(data.render_split(
+        os.path.join(workdir, "data", "heldout"), "heldout", config.data.heldout_items,
+        config.seed, config.data.resolution, log))
+    timings["data_s"] = time.time() - t0
+    pipeline = os.path.join(base, "pipeline")
+    for src, dst in ((os.path.join(pipeline, "tokenizer"), "tokenizer"),
+                     (os.path.join(pipeline, "vae"), "vae"), (os.path.join(base, "clip"), "clip")):
+        shutil.rmtree(os.path.join(workdir, dst), ignore_errors=True)
+        shutil.copytree(src, os.path.join(workdir, dst))
+    tokenizer = text_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    text_encoder, text_params = weights.load_component(os.path.join(pipeline, "text_encoder"),
+                                                       "text_encoder")
+    text_config = weights.read_config(os.path.join(pipeline, "text_encoder"))
+    vae, vae_params = weights.load_vae(os.path.join(workdir, "vae"))
+    t = time.time()
+    latents = unet_stage.encode_latents(vae, vae_params, train_split,
+                                        os.path.join(workdir, "latents.npy"), log)
+    cache = unet_stage.TextCache(tokenizer, train_split, config.data.max_boxes)
+    timings["latents_s"] = time.time() - t
+    unet = unet_stage.build(config, text_config["hidden_size"])
+    _, base_unet_params = weights.load_component(os.path.join(pipeline, "unet"), "unet")
+    unet_params = unet_stage.fresh_gligen(base_unet_params,
+                                          models.init_params(unet, config.seed + 3))
+    stages = {k: dict(base_record["stages"][k], reused_from=base) for k in ("vae", "clip", "ldm")}
+    return _gligen_and_export(config, workdir, out, unet, unet_params, text_encoder,
+                              text_config, text_params, latents, cache, heldout, stages,
+                              timings, command, log)
 
 
 def _text_encoder(text_config: dict):
@@ -145,8 +209,9 @@ def evaluate_world(config, pipeline_dir: str, heldout, unet_params=None, init_un
     layouts (categories colour / texture / spatial / shape): the ground-truth renders (the
     ceiling), samples of the pipeline (25 DDIM steps, CFG ``eval.guidance_scale``, grounding
     for the first ``eval.beta`` of the steps) and, when ``init_unet_params`` is given, samples
-    of the same architecture with its random initial weights (the floor). Writes a picture
-    grid of the first 8 layouts to ``picture``."""
+    of the same architecture with its random initial weights (the floor); and the grounding
+    gap on held-out items (world.evaluate.grounding_gap: how much the boxes lower the
+    denoising loss). Writes a picture grid of the first 8 layouts to ``picture``."""
     from goal_jax.world import evaluate as world_eval
 
     e = config.eval
@@ -162,6 +227,12 @@ def evaluate_world(config, pipeline_dir: str, heldout, unet_params=None, init_un
     result = {"layouts": len(items), "categories": list(EVAL_CATEGORIES),
               "sampler": {"name": "ddim", "num_steps": e.num_steps,
                           "guidance_scale": e.guidance_scale, "beta": e.beta}}
+    result["grounding_gap"] = world_eval.grounding_gap(pipe, heldout, unet_params,
+                                                       max_boxes=config.data.max_boxes)
+    g = result["grounding_gap"]
+    log("[eval] grounding gap (1 - eps MSE with boxes / without): " + ", ".join(
+        f"{t}: {v['caption']['gap']:+.4f} (empty caption {v['empty caption']['gap']:+.4f})"
+        for t, v in g.items()))
     for name, images in rows.items():
         result[name] = world_eval.score(images, items)["summary"]
         b = result[name]["boxes"]

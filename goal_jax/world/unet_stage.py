@@ -54,6 +54,68 @@ def merge(trainable: dict, frozen: dict) -> dict:
     return traverse_util.unflatten_dict({**frozen, **trainable}, sep="/")
 
 
+def set_gates(params, value: float):
+    """U-Net params with every gated self-attention gate (``fuser/alpha_attn`` and
+    ``fuser/alpha_dense``, scalars; the fuser adds tanh(alpha) x its output) set to ``value``.
+    GLIGEN starts them at 0 (the base is untouched at first); a non-zero start makes the
+    fuser's output reach the loss from the first step."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for k in flat:
+        if k.endswith("fuser/alpha_attn") or k.endswith("fuser/alpha_dense"):
+            flat[k] = jnp.full_like(flat[k], value)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def fresh_gligen(base_params, init_params):
+    """``base_params`` with its GLIGEN layers (fuser/, position_net/) taken from
+    ``init_params`` (the untrained initialisation): the input of a GLIGEN stage."""
+    _, base = split_params(base_params, gligen=True)
+    gligen, _ = split_params(init_params, gligen=True)
+    if set(base) & set(gligen):
+        raise ValueError("GLIGEN and base parameter names overlap")
+    return merge(gligen, base)
+
+
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
+
+def sample_timesteps(rng: np.random.Generator, batch: int, num_train_timesteps: int,
+                     kind: str = "uniform") -> np.ndarray:
+    """int [batch] training timesteps in [0, num_train_timesteps).
+
+    ``uniform``: every step equally likely. ``cubic``: t = (1 - u^3) T with u ~ U[0, 1), the
+    non-uniform sampling T2I-Adapter uses for spatial conditions: the density grows as
+    (1 - t/T)^(-2/3), so noisy steps (where the layout of an image is decided) are drawn far
+    more often than under ``uniform`` (P(t >= T/2) = 0.79 instead of 0.5).
+    """
+    if kind == "uniform":
+        return rng.integers(0, num_train_timesteps, batch)
+    if kind == "cubic":
+        u = rng.random(batch)
+        return np.minimum((1.0 - u ** 3) * num_train_timesteps, num_train_timesteps - 1).astype(np.int64)
+    raise ValueError(f"unknown timestep sampling {kind!r}; expected one of {TIMESTEP_SAMPLING}")
+
+
+LOSS_WEIGHTING = ("eps", "x0_clipped")
+
+
+def loss_weight(alphas_cumprod: jax.Array, t: jax.Array, kind: str = "eps",
+                max_weight: float = 10.0) -> jax.Array:
+    """float32 [B] weights of the per-item epsilon MSE.
+
+    ``eps``: 1 (the LDM loss). ``x0_clipped``: (1 - abar_t) / abar_t = 1 / SNR(t) clipped to
+    [1, ``max_weight``]; the epsilon error times 1/SNR is the error of the implied x0, so this
+    weighs each step by how wrong its picture of the clean latent is, where the layout is
+    decided (noisy steps), instead of by its noise residual (which the quiet steps dominate).
+    """
+    if kind == "eps":
+        return jnp.ones(t.shape, jnp.float32)
+    if kind == "x0_clipped":
+        abar = alphas_cumprod[t]
+        return jnp.clip((1.0 - abar) / abar, 1.0, max_weight)
+    raise ValueError(f"unknown loss weighting {kind!r}; expected one of {LOSS_WEIGHTING}")
+
+
 def encode_latents(vae, vae_params, split: WorldSplit, path: str, log=print) -> np.ndarray:
     """Posterior means × scaling factor of every item of ``split``, cached in ``path``
     (float32 [N, h, w, 4]); reused when complete."""
@@ -100,10 +162,15 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
         raise ValueError(f"unknown U-Net stage {which!r}")
     c = config[which]
     gligen = which == "gligen"
+    # ldm.grounding: the LDM stage also trains the GLIGEN layers, with grounding input.
+    grounded = gligen or bool(c.get("grounding", False))
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     unet = build(config, text_encoder.config.hidden_size, dtype)
     sched = schedule_lib.DDPMSchedule.from_config(models.SCHEDULER_CONFIG)
-    trainable, frozen = split_params(unet_params, gligen)
+    if grounded and not gligen:
+        trainable, frozen = traverse_util.flatten_dict(unet_params, sep="/"), {}
+    else:
+        trainable, frozen = split_params(unet_params, gligen)
     tx = stage.adamw(c.learning_rate, c.steps, warmup=c.warmup)
     state = stage.init_state(trainable, tx, ema=True)
     frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
@@ -114,7 +181,7 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
         ids = jnp.where(drop_caption[:, None], null[None], ids)
         context = text_encoder.apply({"params": text_params}, ids).last_hidden_state
         grounding = None
-        if gligen:
+        if grounded:
             b, n, length = phrase_ids.shape
             pooled = text_encoder.apply({"params": text_params},
                                         phrase_ids.reshape(b * n, length)).pooled
@@ -124,7 +191,9 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
         context = jax.lax.stop_gradient(context)
         z_t = schedule_lib.add_noise(sched, z0, noise, t)
         eps = unet.apply({"params": merge(train_params, frozen)}, z_t, t, context, grounding)
-        return jnp.mean((eps - noise) ** 2)
+        per_item = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+        return jnp.mean(per_item * loss_weight(sched.alphas_cumprod, t,
+                                               c.get("loss_weighting", "eps")))
 
     @jax.jit
     def step(state, batch):
@@ -140,7 +209,8 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
         return (jnp.asarray(latents[idx]), jnp.asarray(cache.captions[idx]),
                 jnp.asarray(cache.phrases[idx]), jnp.asarray(cache.boxes[idx]),
                 jnp.asarray(cache.masks[idx]),
-                jnp.asarray(rng.integers(0, sched.num_train_timesteps, b), jnp.int32),
+                jnp.asarray(sample_timesteps(rng, b, sched.num_train_timesteps,
+                                             c.get("timesteps", "uniform")), jnp.int32),
                 jnp.asarray(rng.standard_normal((b,) + latents.shape[1:]),
                             jnp.float32),
                 jnp.asarray(rng.random(b) < c.caption_dropout),
