@@ -20,6 +20,7 @@ the tests) cross-process collectives need gloo, which :func:`initialize` selects
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from typing import Any, Sequence
 
@@ -125,6 +126,7 @@ def sum_over_processes(value: int) -> int:
         return int(value)
     from jax.experimental import multihost_utils
 
+    barrier("goal_jax.sum_over_processes")  # the collective starts everywhere together
     return int(np.sum(multihost_utils.process_allgather(np.array([value], np.int64))))
 
 
@@ -137,6 +139,7 @@ def gather_share(local: np.ndarray, n: int) -> np.ndarray:
         return local
     from jax.experimental import multihost_utils
 
+    barrier("goal_jax.gather_share")  # shares take different times: start the gather together
     rows = -(-n // count)  # the largest share; smaller shares are padded to it
     padded = np.zeros((rows,) + local.shape[1:], local.dtype)
     padded[: len(local)] = local
@@ -148,12 +151,20 @@ def gather_share(local: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier ``name`` (no-op single-process)."""
-    if process_index_and_count()[1] > 1:
-        from jax.experimental import multihost_utils
+_BARRIERS = itertools.count()  # every process passes the same barriers in the same order
 
-        multihost_utils.sync_global_devices(name)
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process reaches the barrier ``name``, through JAX's coordination
+    service (no device collective: a process may arrive up to ``timeout_s`` later, e.g. after a
+    longer compile or a larger share of work, where gloo's CPU collectives give a late peer
+    30 s). No-op single-process. Every process must pass the same barriers in the same order."""
+    if process_index_and_count()[1] == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client jax.distributed made
+
+    jax_distributed.global_state.client.wait_at_barrier(f"{name}.{next(_BARRIERS)}",
+                                                        timeout_in_ms=timeout_s * 1000)
 
 
 def local_devices(devices: Sequence[Any]) -> list:

@@ -469,6 +469,9 @@ def host_copy(tree):
 
     if jax.process_count() == 1:
         return tree
+    from goal_jax import distributed
+
+    distributed.barrier("goal_jax.host_copy")
     mesh = jax.tree_util.tree_leaves(tree)[0].sharding.mesh
     copied = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), copied)
@@ -676,6 +679,8 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
     step = start
     for step in range(start + 1, steps + 1):
         batch = sharding_lib.put_batch(next(run.data_iter), run.mesh)
+        if step == start + 1 and jax.process_count() > 1:
+            _compile_then_meet(run, state, batch)
         if run.ids_log is not None:
             run.ids_log.write(json.dumps({"step": step, "process": jax.process_index(),
                                           "ids": run.data_iter.last_ids}) + "\n")
@@ -716,6 +721,21 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
                   f"{ckpt.directory}/{step}", flush=True)
             return step, "preempted" if preempted else "stop_at_step"
     return step, "finished"
+
+
+def _compile_then_meet(run: _Run, state, batch) -> None:
+    """Several processes: compiles the train step, then waits for every process at a barrier of
+    JAX's coordination service, so the first step starts everywhere together (a process whose
+    compile takes longer would otherwise find its peers' collectives timed out)."""
+    import jax
+
+    from goal_jax import distributed
+
+    jitted = getattr(run.train_step, "jitted", None)  # goal_jax.train.make_train_step's jit
+    if jitted is not None:
+        with jax.set_mesh(run.mesh):
+            jitted.lower(state.replace(frozen=None), state.frozen, dict(batch)).compile()
+    distributed.barrier("goal_jax.train_step_compiled")
 
 
 def _progress_bar(config, start: int):
