@@ -131,13 +131,43 @@ def main(argv):
     try:
         loop.train_and_evaluate(config, flags.FLAGS.workdir)
     except (loop.NonFiniteLossError, loop.CheckpointSaveError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"train.py: {e}", 1)
     except ValueError as e:  # checks that need the workdir or the data (config field ...)
         if not str(e).startswith("config field"):
+            fail_job(e)
             raise
-        print(f"train.py: bad config: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"train.py: bad config: {e}", 2)
+    except Exception as e:  # noqa: BLE001 - a job's process reports and stops at once
+        fail_job(e)
+        raise
+
+
+def fail(message: str, code: int) -> None:
+    """Prints ``message`` and exits with ``code``. In a multi-process job: names this process
+    and says what to do, and exits at once (JAX's normal exit would wait up to its shutdown
+    timeout for the other processes, which may be dead or stopping too)."""
+    from goal_jax import distributed
+
+    index, count = distributed.process_index_and_count()
+    if count == 1:
+        print(message, file=sys.stderr)
+        sys.exit(code)
+    print(f"{message.replace('train.py: ', f'train.py: process {index} of {count}: ', 1)}\n"
+          "train.py: the job stops (when another process died, this is its consequence): "
+          "start it again on every host; it resumes from the last complete checkpoint",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def fail_job(error: Exception) -> None:
+    """In a multi-process job, :func:`fail` with exit 1 for an unexpected error (e.g. a
+    collective whose peer died); single-process it returns (the traceback follows)."""
+    from goal_jax import distributed
+
+    if distributed.process_index_and_count()[1] > 1:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"train.py: {type(error).__name__}: {first}", 1)
 
 
 if __name__ == "__main__":

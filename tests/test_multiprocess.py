@@ -213,11 +213,15 @@ def test_kill_9_then_restart_then_sigterm_to_one_process(shared, tmp_path):
     killed = time.monotonic()
     results = job.wait(timeout_s=HEARTBEAT_S + 60, check=False)
     waited = time.monotonic() - killed
+    report = [line for line in results[0].stderr.splitlines()
+              if line.startswith("train.py: process 0 of 2: ")]
     print(f"kill -9 of process 1: process 0 exited {results[0].returncode} after {waited:.1f} s"
-          f"; its error: {results[0].stderr.strip().splitlines()[-1]!r}")
+          f": {report}")
     assert results[1].returncode == -signal.SIGKILL
-    assert results[0].returncode != 0 and waited <= HEARTBEAT_S + 60
-    assert any(word in results[0].stderr for word in ("heartbeat", "Gloo", "gloo", "task"))
+    assert results[0].returncode == 1 and waited <= HEARTBEAT_S + 60
+    assert len(report) == 1  # one line naming the process and the error (a dead peer's)
+    assert "start it again on every host; it resumes from the last complete checkpoint" in \
+        results[0].stderr
     manager = checkpoints.CheckpointManager(str(workdir / "checkpoints"), async_save=False)
     complete = manager.latest_step()
     manager.close()
