@@ -110,6 +110,8 @@ Fields:
   log
     every_steps   int, write metrics (averaged over the interval) every K steps.
     progress      bool, a tqdm progress bar when stderr is a terminal.
+    data_ids      bool, each process appends the item ids of every batch it reads to
+                  ``<workdir>/data_ids/process_<i>.jsonl`` ({"step", "process", "ids"} lines).
   sample
     every_steps   int, sample ``layouts`` into TensorBoard every K steps (0 = off) and at the
                   end when > 0.
@@ -221,7 +223,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
         random_crop=False, min_box_size=0.001, shuffle=True, seed=0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3,
                                                   async_save=True))
-    c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True))
+    c.log = ml_collections.ConfigDict(dict(every_steps=50, progress=True, data_ids=False))
     c.sample = ml_collections.ConfigDict(dict(
         every_steps=2000, layouts=tuple(json.dumps(x) for x in PAPER_LAYOUTS), num_steps=50,
         guidance_scale=7.5, beta=0.3, sampler="ddim"))

@@ -84,13 +84,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
     """
     import jax
 
+    from goal_jax import distributed
+
     config = ml_collections.ConfigDict(config.to_dict())
     t, d = config.train, config.data
+    first = jax.process_index() == 0  # writes shared files; the others wait, then reuse them
     if config.demo_models:
         from goal_jax import demo_models
 
-        paths = demo_models.write_demo_models(os.path.join(workdir, "demo_models"),
-                                              seed=t.seed, resolution=d.resolution)
+        def write_demo_models():
+            return demo_models.write_demo_models(os.path.join(workdir, "demo_models"),
+                                                 seed=t.seed, resolution=d.resolution)
+
+        paths = write_demo_models() if first else None
+        distributed.barrier("goal_jax.prepare.demo_models")
+        paths = paths or write_demo_models()  # the others find process 0's files and reuse them
         t.model.pipeline, t.model.clip = paths.pipeline, paths.clip
     else:
         t.model.pipeline = resolve_model_path(t.model.pipeline, "train.model.pipeline", True)
@@ -104,12 +112,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
                     f"; data.shapes_items={d.shapes_items} generates the shapes dataset only "
                     "inside the workdir (data.source='' = <workdir>/shapes). To train on a "
                     "folder of yours set data.shapes_items=0")
-            if jax.process_index() == 0:
+            if first:
                 from goal_jax.data import shapes
 
                 print(f"Generating the shapes dataset ({d.shapes_items} items) in {d.source}",
                       flush=True)
                 shapes.write_shapes_dataset(d.source, d.shapes_items, d.resolution, seed=d.seed)
+        distributed.barrier("goal_jax.prepare.shapes")
     d.data_dir = d.data_dir or os.path.join(workdir, "tfds")
     return config
 
@@ -252,18 +261,26 @@ def data_states_of_all_processes(local_state) -> dict:
 
 
 def data_state_of_this_process(stored, source: str):
-    """Inverse of :func:`data_states_of_all_processes` for this host."""
+    """Inverse of :func:`data_states_of_all_processes` for this host. The input pipeline's
+    position is global (goal_jax.data.pipeline: the same on every host), so a checkpoint of
+    another number of hosts resumes too, when its hosts agree on the position."""
     import jax
 
     states = stored.get("processes") if isinstance(stored, dict) else None
     if states is None and jax.process_count() == 1:
         return stored  # a single-host state saved as is
-    if not isinstance(states, list) or len(states) != jax.process_count():
+    if not isinstance(states, list) or not states:
+        raise ValueError(f"{source}: the data-iterator state holds no per-process states")
+    if len(states) == jax.process_count():
+        return states[jax.process_index()]
+    positions = sorted({json.dumps([s.get("epoch"), s.get("batch")]) if isinstance(s, dict)
+                        else repr(s) for s in states})
+    if len(positions) != 1:
         raise ValueError(
-            f"{source}: the data-iterator state is for "
-            f"{len(states) if isinstance(states, list) else 'an unknown number of'} processes, "
-            f"this run has {jax.process_count()}; resume with the same number of hosts")
-    return states[jax.process_index()]
+            f"{source}: the data-iterator states of its {len(states)} processes are at "
+            f"different positions ({', '.join(positions)}); this run has "
+            f"{jax.process_count()} processes: resume with {len(states)}")
+    return states[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,37 +459,66 @@ def write_sample_layouts(path: str, layouts) -> None:
             f.write(json.dumps(dict(item.to_dict(), seed=seed, id=f"layout{i}")) + "\n")
 
 
+def host_copy(tree):
+    """``tree``'s arrays (global arrays on one mesh) with this host's full copy of each: the
+    arrays themselves with one process; with several, numpy copies (sharded arrays gathered
+    across the processes in one program, a collective every process must call)."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if jax.process_count() == 1:
+        return tree
+    from goal_jax import distributed
+
+    distributed.barrier("goal_jax.host_copy")
+    mesh = jax.tree_util.tree_leaves(tree)[0].sharding.mesh
+    copied = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), copied)
+
+
 def create_sampler(models, frozen, pipeline_path: str, devices):
     """A GroundedSampler over the run's models and frozen weights (its U-Net params are set at
     each :func:`sample_layouts`), on this host's devices."""
-    import jax
-
-    from goal_jax import sampling, weights
+    from goal_jax import distributed, sampling, weights
     from goal_jax import text as text_lib
 
     scheduler_config = weights.read_config(os.path.join(pipeline_path, "scheduler"),
                                            "scheduler_config.json")
+    frozen = host_copy({"vae": frozen["vae"], "text_encoder": frozen["text_encoder"]})
     pipe = weights.GLIGENPipeline(
         models.unet, None, models.vae, frozen["vae"], models.text_encoder,
         frozen["text_encoder"], text_lib.load_tokenizer(os.path.join(pipeline_path, "tokenizer")),
         scheduler_config, pipeline_path)
-    local = [d for d in devices if d.process_index == jax.process_index()]
-    return sampling.GroundedSampler(pipe, unet_params={}, devices=local)
+    return sampling.GroundedSampler(pipe, unet_params={},
+                                    devices=distributed.local_devices(devices))
 
 
 def sample_layouts(sampler, unet_params, layouts, sample_config, resolution: int):
-    """uint8 [N, H, W, 3] images of the fixed ``layouts`` with ``unet_params``."""
-    from goal_jax import sampling
+    """uint8 [N, H, W, 3] images of the fixed ``layouts`` with ``unet_params``, on every
+    process. With several processes each samples its share of the layouts
+    (goal_jax.distributed.my_share) on its own devices and the images are gathered."""
+    import jax
+    import numpy as np
 
-    sampler.set_unet_params(unet_params)
+    from goal_jax import distributed, sampling
+
+    sampler.set_unet_params(host_copy(unet_params))
     options = sampling.SampleOptions(
         sampler=sample_config.sampler, num_steps=sample_config.num_steps,
         guidance_scale=sample_config.guidance_scale, beta=sample_config.beta,
         height=resolution, width=resolution)
-    out = sampler.sample([x.caption for x in layouts], [x.layout for x in layouts],
-                         [x.seed if x.seed is not None else i for i, x in enumerate(layouts)],
-                         options)
-    return out.images
+    share = distributed.my_share(len(layouts))
+    images = np.zeros((0, resolution, resolution, 3), np.uint8)
+    if share:
+        mine = [layouts[i] for i in share]
+        images = sampler.sample([x.caption for x in mine], [x.layout for x in mine],
+                                [x.seed if x.seed is not None else i for i, x in zip(share, mine)],
+                                options).images
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()}: sampled layouts {share} of {len(layouts)}",
+              flush=True)
+    return distributed.gather_share(images, len(layouts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,6 +543,7 @@ class _Run:
     writer: Any
     layouts: list
     sampler: Any = None
+    ids_log: Any = None  # log.data_ids: this process's data_ids/process_<i>.jsonl
 
 
 def _set_up(config, workdir: str):
@@ -535,6 +582,11 @@ def _set_up(config, workdir: str):
           f"{n_frozen:,}", flush=True)
     run = _Run(config, workdir, mesh, devices, global_batch, models, train_step, data_iter,
                ckpt, checkpoint_metadata(config, ckpt.directory), writer, layouts)
+    if config.log.data_ids:
+        os.makedirs(os.path.join(workdir, "data_ids"), exist_ok=True)
+        run.ids_log = open(os.path.join(workdir, "data_ids",
+                                        f"process_{jax.process_index()}.jsonl"), "a",
+                           encoding="utf-8")
     return run, state
 
 
@@ -549,6 +601,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       stop_at_step: stop (after saving a checkpoint) once this step is done, as a preemption
         at that step would; None = run to ``config.train.steps``.
       handle_sigterm: install a SIGTERM handler (main thread only) that saves and returns.
+        With several processes JAX's preemption service catches SIGTERM instead (set up by
+        jax.distributed.initialize): a signal to any one process makes every process save the
+        same step and return (orbax's ``reached_preemption``), so none waits for the others.
 
     Returns:
       TrainResult. Raises NonFiniteLossError when a loss term is NaN/inf (the message names
@@ -559,7 +614,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     from goal_jax import sharding as sharding_lib
 
     if config.train.sharding.distributed:
-        sharding_lib.initialize_distributed(True)
+        sharding_lib.initialize_distributed(True)  # no-op when the entry point has joined
     validate_config(config, num_devices=jax.device_count())
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -571,6 +626,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     run, state = _set_up(config, workdir)
     stop, old_handler = _StopFlag(), None
+    handle_sigterm = handle_sigterm and jax.process_count() == 1  # else JAX's service does
     if handle_sigterm:
         try:
             old_handler = signal.signal(signal.SIGTERM, stop)
@@ -623,6 +679,12 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
     step = start
     for step in range(start + 1, steps + 1):
         batch = sharding_lib.put_batch(next(run.data_iter), run.mesh)
+        if step == start + 1 and jax.process_count() > 1:
+            _compile_then_meet(run, state, batch)
+        if run.ids_log is not None:
+            run.ids_log.write(json.dumps({"step": step, "process": jax.process_index(),
+                                          "ids": run.data_iter.last_ids}) + "\n")
+            run.ids_log.flush()
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = run.train_step(state, batch)
         log.add(step, metrics)
@@ -653,11 +715,27 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
             run.writer.write_images(step, {"samples": sample_layouts(
                 run.sampler, unet_params, run.layouts, config.sample, config.data.resolution)})
         if preempted or stop_here:
-            why = f"signal {stop.signal}" if stop else "stop_at_step"
+            why = (f"signal {stop.signal}" if stop else "preemption sync point of all processes"
+                   if preempted else "stop_at_step")
             print(f"Stopping at step {step} ({why}): checkpoint saved in "
                   f"{ckpt.directory}/{step}", flush=True)
             return step, "preempted" if preempted else "stop_at_step"
     return step, "finished"
+
+
+def _compile_then_meet(run: _Run, state, batch) -> None:
+    """Several processes: compiles the train step, then waits for every process at a barrier of
+    JAX's coordination service, so the first step starts everywhere together (a process whose
+    compile takes longer would otherwise find its peers' collectives timed out)."""
+    import jax
+
+    from goal_jax import distributed
+
+    jitted = getattr(run.train_step, "jitted", None)  # goal_jax.train.make_train_step's jit
+    if jitted is not None:
+        with jax.set_mesh(run.mesh):
+            jitted.lower(state.replace(frozen=None), state.frozen, dict(batch)).compile()
+    distributed.barrier("goal_jax.train_step_compiled")
 
 
 def _progress_bar(config, start: int):
@@ -674,6 +752,8 @@ def _close(run: _Run) -> None:
     """Waits for the last save, releases the tf.data iterator (no finalization warning at exit)
     and flushes the writers; a failed save raises CheckpointSaveError here."""
     run.data_iter.close()
+    if run.ids_log is not None:
+        run.ids_log.close()
     try:
         run.ckpt.close()
     finally:

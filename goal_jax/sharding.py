@@ -29,15 +29,15 @@ DATA_AXES = ("data", "fsdp")
 def initialize_distributed(enabled: bool = False, coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """Calls ``jax.distributed.initialize`` (multi-host) when ``enabled``; no-op otherwise.
+    """Calls ``jax.distributed.initialize`` (multi-host) when ``enabled`` and this process has
+    not joined yet (goal_jax.distributed.initialize); no-op otherwise.
 
     On Cloud TPU and SLURM/GKE the arguments are auto-detected and may stay None."""
     if not enabled:
         return
-    kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
-                                ("num_processes", num_processes),
-                                ("process_id", process_id)) if v is not None}
-    jax.distributed.initialize(**kwargs)
+    from goal_jax import distributed
+
+    distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def create_mesh(data: int = -1, fsdp: int = 1,

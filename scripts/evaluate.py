@@ -43,6 +43,11 @@ the category's verdict (colour / shape / texture binding, spatial, counting, com
 
 Each run writes ``results.md`` and ``results.json`` (settings, checkpoint, metrics) to
 ``--output_dir``. Layout planning flags are those of ``scripts/plan.py`` (``--planner``...).
+
+Several processes (one per host, ``--coordinator_address/--num_processes/--process_id`` or
+``--distributed``, goal_jax.distributed): every process plans the same prompts and generates its
+share of the images on its own devices (image k on process ``k % num_processes``, each written
+once); process 0 then scores them and writes every other file.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from goal_jax import distributed  # noqa: E402
 from scripts import plan as plan_script  # noqa: E402
 
 
@@ -84,6 +90,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     m.add_argument("--clip_tokenizer", default=None,
                    help="CLIP tokenizer folder (default: the --clip folder)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each file")
+    distributed.add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +246,7 @@ def load_generator(args):
     except weights.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    devices = jax.devices()
+    devices = jax.local_devices()  # this process's: each process makes its own images
     if args.num_devices is not None:
         devices = devices[:args.num_devices]
     sampler = sampling.GroundedSampler(pipe, unet_params=unet_params, devices=devices)
@@ -284,6 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except compbench.CompBenchError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    try:
+        distributed.initialize_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    primary = distributed.is_primary()  # scores and writes the files; all make images
     start = time.time()
     try:
         planner = plan_script.make_planner(args)
@@ -299,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.clip is not None or getattr(args, "detector", None) is not None:
         parser.error("--clip / --detector score generated images: give --pretrained too")
     clip_scorer = None
-    if args.clip is not None:
+    if args.clip is not None and primary:
         from goal_jax.text import TokenizerError
 
         try:
@@ -326,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         detector = None
-        if args.detector is not None:
+        if args.detector is not None and primary:
             from goal_jax.evaluation.detector import GroundingDinoDetector
 
             detector = GroundingDinoDetector(args.detector, args.box_threshold,
@@ -349,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for task, d in dropped.items():
             if task in results:
                 results[task]["dropped"] = d
+        if not primary:
+            return 0
         md, js = report.write(args.output_dir, "NSR-1K", results, settings,
                               checkpoint_name(args))
     else:
@@ -365,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except compbench.CompBenchError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if not primary:
+            return 0
         md, js = report.write(args.output_dir, "T2I-CompBench", results, settings,
                               checkpoint_name(args))
     with open(md, encoding="utf-8") as f:

@@ -31,6 +31,12 @@ directory (``<workdir>/checkpoints``; latest step unless ``--checkpoint_step``):
 U-Net parameters replace those of the base U-Net (``goal_jax.weights.load_trained_unet``: the
 parameters only, never the optimizer state; non-finite values are refused).
 
+Several processes (one per host, ``--coordinator_address/--num_processes/--process_id`` or
+``--distributed``, goal_jax.distributed): every process reads the same items and samples its
+share (item k goes to process ``k % num_processes``) on its own devices, so each item is written
+once, by one process; its JSON records ``process_index`` / ``process_count``. A rerun with
+another number of processes skips what is written.
+
 Exit codes: 0 done; 1 the sampler produced non-finite images (damaged or diverged weights);
 2 bad arguments, layouts, folders or checkpoints (one line naming the item).
 """
@@ -50,6 +56,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make goal_jax importable from the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from goal_jax import distributed  # noqa: E402
 from goal_jax import layout as layout_lib  # noqa: E402
 
 SAMPLERS = ("ddim", "dpm++2m", "pndm")
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="sample items whose outputs already exist")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(p)
     return p
 
 
@@ -284,8 +292,9 @@ def check_arguments(args, items) -> tuple:
     if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
         raise UsageError(f"--checkpoint: checkpoint folder not found: {args.checkpoint}")
     os.makedirs(args.output_dir, exist_ok=True)
-    todo = items if args.overwrite else [it for it in items if not is_done(args.output_dir,
-                                                                            it.name)]
+    mine = [items[k] for k in distributed.my_share(len(items))]  # this process's items
+    todo = mine if args.overwrite else [it for it in mine if not is_done(args.output_dir,
+                                                                          it.name)]
     return options, sampling.num_grounding_steps(options.beta, len(timesteps)), todo
 
 
@@ -308,7 +317,7 @@ def load_sampler(args):
     from goal_jax import sampling, weights
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    devices = jax.devices()
+    devices = jax.local_devices()  # this process's (each process samples its own items)
     if args.num_devices is not None:
         if not 1 <= args.num_devices <= len(devices):
             raise UsageError(f"--num_devices must be in [1, {len(devices)}], got "
@@ -364,12 +373,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        distributed.initialize_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    try:
         items, errors = collect_items(args)
         options, n_ground, todo = check_arguments(args, items)
     except (layout_lib.LayoutError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(items)} item(s); skipping {len(items) - len(todo)} whose outputs exist in "
+    mine = len(distributed.my_share(len(items)))
+    share = (f" (process {jax.process_index()} of {jax.process_count()}: {mine} of them)"
+             if jax.process_count() > 1 else "")
+    print(f"{len(items)} item(s){share}; skipping {mine - len(todo)} whose outputs exist in "
           f"{args.output_dir}; sampling {len(todo)}")
     try:
         if todo:
@@ -383,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "checkpoint": None if args.checkpoint is None else os.path.abspath(
                     args.checkpoint),
                 "checkpoint_info": info,
+                "process_index": jax.process_index(), "process_count": jax.process_count(),
             }
             compile_s, run_s = sample_items(sampler, todo, options, batch_size, args.output_dir,
                                             metadata, not args.no_progress)

@@ -5,6 +5,11 @@
         --config.train.model.pipeline=/models/gligen-1-4-generation-text-box \
         --config.train.model.clip=/models/clip-vit-large-patch14 --config.data.source=/data/goal2k
 
+Several processes (one per host; README "Multi-host"): every host runs the same command with
+``--config.train.sharding.distributed=True`` (Cloud TPU, SLURM: JAX detects the job) or with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``; ``--heartbeat_timeout_s``
+sets how soon the others stop when one dies. Without them the run is single-process.
+
 Resumes from the latest checkpoint in --workdir. Exit codes: 0 when finished or preempted
 (SIGTERM: a checkpoint is saved at the current step first); 1 on a non-finite loss (the
 message names the step and the last good checkpoint) or a failed checkpoint save (one line,
@@ -30,6 +35,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Training config file, with an optional preset: configs/goal.py:demo.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, TensorBoard, metrics).")
 flags.mark_flags_as_required(["workdir"])
+# Multi-process (one process per host; goal_jax.distributed, README "Multi-host").
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS, or auto-detected "
+                    "with --config.train.sharding.distributed=True).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process job.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
+flags.DEFINE_integer("heartbeat_timeout_s", None,
+                     "A process silent this many seconds counts as dead (JAX's default 100).")
 
 
 def _override_keys(argv) -> list[str]:
@@ -84,6 +97,23 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+def join_job(config) -> None:
+    """Joins the multi-process job the flags (or config.train.sharding.distributed, JAX's
+    auto-detection) ask for; single-process otherwise. Exit 2 on inconsistent flags."""
+    from goal_jax import distributed
+
+    f = flags.FLAGS
+    if not (distributed.requested(f.coordinator_address, f.num_processes, f.process_id)
+            or config.train.sharding.distributed):
+        return
+    try:
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                               f.heartbeat_timeout_s)
+    except ValueError as e:
+        print(f"train.py: bad command line: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         print(f"train.py: bad command line: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -92,6 +122,7 @@ def main(argv):
 
     loop.quiet_library_logs()
     config = _CONFIG.value
+    join_job(config)
     try:
         config_checks.validate_config(config)
     except ValueError as e:
@@ -100,13 +131,43 @@ def main(argv):
     try:
         loop.train_and_evaluate(config, flags.FLAGS.workdir)
     except (loop.NonFiniteLossError, loop.CheckpointSaveError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"train.py: {e}", 1)
     except ValueError as e:  # checks that need the workdir or the data (config field ...)
         if not str(e).startswith("config field"):
+            fail_job(e)
             raise
-        print(f"train.py: bad config: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"train.py: bad config: {e}", 2)
+    except Exception as e:  # noqa: BLE001 - a job's process reports and stops at once
+        fail_job(e)
+        raise
+
+
+def fail(message: str, code: int) -> None:
+    """Prints ``message`` and exits with ``code``. In a multi-process job: names this process
+    and says what to do, and exits at once (JAX's normal exit would wait up to its shutdown
+    timeout for the other processes, which may be dead or stopping too)."""
+    from goal_jax import distributed
+
+    index, count = distributed.process_index_and_count()
+    if count == 1:
+        print(message, file=sys.stderr)
+        sys.exit(code)
+    print(f"{message.replace('train.py: ', f'train.py: process {index} of {count}: ', 1)}\n"
+          "train.py: the job stops (when another process died, this is its consequence): "
+          "start it again on every host; it resumes from the last complete checkpoint",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def fail_job(error: Exception) -> None:
+    """In a multi-process job, :func:`fail` with exit 1 for an unexpected error (e.g. a
+    collective whose peer died); single-process it returns (the traceback follows)."""
+    from goal_jax import distributed
+
+    if distributed.process_index_and_count()[1] > 1:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"train.py: {type(error).__name__}: {first}", 1)
 
 
 if __name__ == "__main__":

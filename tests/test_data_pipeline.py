@@ -151,8 +151,10 @@ def test_host_sharding_is_disjoint_and_complete(shapes_data, tokenizer_dir):
     assert len(ids[0]) == len(ids[1]) == 9
     assert not set(ids[0]) & set(ids[1])
     assert sorted(ids[0] + ids[1]) == [f"shapes-train-{i:06d}" for i in range(18)]
+    # the iterator reads the whole split: host 1 of 2 takes rows [B, 2B) of every global batch
     it = _make(shapes_data, tokenizer_dir, process_index=1, process_count=2)
-    assert len(it._data) == 9 and it.get_state()["process_index"] == 1
+    assert len(it._data) == 18 and it.get_state()["process_index"] == 1
+    assert list(it.positions(1)) == list(range(3 * it.batch_size, 4 * it.batch_size))
     with pytest.raises(ValueError, match="no split 'val'"):
         pipeline.read_shard(shapes_data, "val", 0, 1)
     with pytest.raises(ValueError, match="no prepared goal2k dataset in /nonexistent"):

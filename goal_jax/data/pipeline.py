@@ -1,14 +1,18 @@
 """The tf.data training input pipeline over a built goal2k dataset.
 
 Order of operations, per host:
-  1. Host shard: ``tfds.even_splits(split, process_count)[process_index]`` (contiguous, equal
-     sizes +-1). The shard's encoded images (PNG bytes, not decoded) and annotations are read
-     into host memory once, and caption / phrases are tokenized once (both the original and the
+  1. The split's encoded images (PNG bytes, not decoded) and annotations are read into host
+     memory once, and caption / phrases are tokenized once (both the original and the
      left<->right swapped text, see step 4), so tokenization never runs per step.
-  2. Epoch order: a permutation of the shard from ``np.random.default_rng([seed, epoch,
-     process_index])`` (identity when ``shuffle=False``); the last ``n % batch_size`` items of
-     every epoch are skipped (drop_remainder, batches never straddle epochs). The same
-     generator draws, per position, the flip coin and the random-crop fractions.
+  2. Epoch order, the same on every host: a permutation of the N items from
+     ``np.random.default_rng([seed, epoch, 0])`` (identity when ``shuffle=False``), cut into
+     global batches of G = batch_size x process_count items (the last ``N % G`` items of every
+     epoch are skipped: batches never straddle epochs). Host p takes rows
+     ``[p * batch_size, (p + 1) * batch_size)`` of every global batch, so the hosts read
+     disjoint items that together cover the epoch once, and the global batch of a step does not
+     depend on the number of hosts (2 hosts x 2 devices train exactly as 1 host x 4 devices, and
+     a checkpoint resumes exactly on another host count). The same generator draws, per epoch
+     position, the flip coin and the random-crop fractions.
   3. Decode, resize the shorter side to ``resolution`` (bilinear, antialiased), crop a
      ``resolution``² window (random or center), boxes transformed with it (boxes.py).
   4. Optional horizontal flip (p = 0.5) of image and boxes; the caption and phrases of a
@@ -19,11 +23,12 @@ Order of operations, per host:
      row (the tokenized empty string).
   6. Batch (drop_remainder), prefetch; numpy batches.
 
-Resume: the iterator state is a deterministic (epoch, batch) counter, not a tf.data
+Resume: the iterator state is a deterministic (epoch, global batch) counter, not a tf.data
 checkpoint: ``set_state`` rebuilds the generator at that epoch and position (items before it
 are skipped without decoding) and yields exactly the batch that would have come next. The
-state is a small JSON-able dict; it also records seed, batch size, shard size and the host to
-refuse a state from a different setup.
+state is a small JSON-able dict, the same on every host; it also records seed, global batch
+size, dataset size and the augmentation switches to refuse a state from a different setup.
+``last_ids`` holds the item ids of the batch ``next()`` returned last.
 
 Batch (dict of numpy arrays, B = batch_size, N = max_boxes, H = W = resolution):
   images              float32 [B, H, W, 3] in [-1, 1]
@@ -145,16 +150,19 @@ def read_shard(data_dir: str, split: str, process_index: int, process_count: int
 class TrainIterator:
     """Infinite iterator of fixed-shape numpy batches with an exact-resume state.
 
-    ``next(it)`` -> batch dict (module docstring). ``get_state()`` -> dict (JSON-able) naming
-    the next batch; ``set_state(state)`` (dict, or its JSON as str/bytes) continues from it.
+    ``next(it)`` -> batch dict (module docstring) of this host's ``batch_size`` rows of the
+    global batch; ``last_ids`` -> the item ids of that batch. ``get_state()`` -> dict
+    (JSON-able) naming the next batch; ``set_state(state)`` (dict, or its JSON as str/bytes)
+    continues from it.
     """
 
     def __init__(self, data: ShardData, *, batch_size: int, resolution: int, seed: int, flip: bool,
                  random_crop: bool, shuffle: bool, min_box_size: float, process_index: int,
                  process_count: int, prefetch: int = 2):
-        if len(data) < batch_size:
-            raise ValueError(f"host shard {process_index}/{process_count} has {len(data)} items, "
-                             f"fewer than batch_size={batch_size}")
+        if len(data) < batch_size * process_count:
+            raise ValueError(f"the dataset has {len(data)} items, fewer than the global batch "
+                             f"{batch_size * process_count} (batch_size={batch_size} x "
+                             f"{process_count} processes)")
         self._data = data
         self.batch_size = batch_size
         self.resolution = resolution
@@ -166,9 +174,11 @@ class TrainIterator:
         self.process_index = process_index
         self.process_count = process_count
         self.prefetch = prefetch
-        self.batches_per_epoch = len(data) // batch_size
+        self.global_batch_size = batch_size * process_count
+        self.batches_per_epoch = len(data) // self.global_batch_size
         self._epoch, self._batch = 0, 0
         self._it: Iterator | None = None
+        self.last_ids: list[str] = []
 
     def box_masks(self) -> tuple[np.ndarray, list[str]]:
         """This host's box masks [M, N] (real boxes packed first, after keeping the
@@ -184,18 +194,25 @@ class TrainIterator:
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
-        """{"epoch", "batch" (next batch within the epoch), and the setup it belongs to}."""
+        """{"epoch", "batch" (next global batch within the epoch), and the setup it belongs to}
+        (process_index / process_count / batch_size are information: the position is global)."""
         return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed,
-                "batch_size": self.batch_size, "num_examples": len(self._data),
+                "global_batch_size": self.global_batch_size, "batch_size": self.batch_size,
+                "num_examples": len(self._data),
                 "process_index": self.process_index, "process_count": self.process_count,
                 "flip": self.flip, "random_crop": self.random_crop, "shuffle": self.shuffle}
 
     def set_state(self, state: dict[str, Any] | str | bytes) -> None:
+        """Continues at ``state``'s position; a state saved with another number of hosts (same
+        global batch) resumes exactly too."""
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
+        state = dict(state)
+        if "global_batch_size" not in state and "batch_size" in state:  # before it was stored
+            state["global_batch_size"] = state["batch_size"] * state.get("process_count", 1)
         mine = self.get_state()
-        for key in ("seed", "batch_size", "num_examples", "process_index", "process_count",
-                    "flip", "random_crop", "shuffle"):
+        for key in ("seed", "global_batch_size", "num_examples", "flip", "random_crop",
+                    "shuffle"):
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"iterator state has {key}={state[key]!r} but this iterator has "
                                  f"{key}={mine[key]!r}; it belongs to a different data setup")
@@ -208,27 +225,35 @@ class TrainIterator:
 
     # ---------------------------------------------------------------- data
     def _epoch_plan(self, epoch: int):
-        """(order, flips, crop_u) of one epoch for this host; deterministic in (seed, epoch, host)."""
+        """(order, flips, crop_u) of one epoch, the same on every host; deterministic in
+        (seed, epoch). (The 0 keeps the order single-host runs had before it was shared.)"""
         n = len(self._data)
-        rng = np.random.default_rng([self.seed, epoch, self.process_index])
+        rng = np.random.default_rng([self.seed, epoch, 0])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         flips = (rng.random(n) < 0.5) if self.flip else np.zeros(n, bool)
         crop_u = rng.random((n, 2)).astype(np.float32)
         return order, flips, crop_u
 
+    def positions(self, batch: int) -> range:
+        """This host's epoch positions in global batch ``batch`` (module docstring, step 2)."""
+        start = batch * self.global_batch_size + self.process_index * self.batch_size
+        return range(start, start + self.batch_size)
+
     def _generator(self, start_epoch: int, start_batch: int):
-        d, bs = self._data, self.batch_size
-        epoch, pos = start_epoch, start_batch * bs
+        d = self._data
+        epoch, first = start_epoch, start_batch
         while True:
             order, flips, crop_u = self._epoch_plan(epoch)
-            for p in range(pos, self.batches_per_epoch * bs):
-                k, f = order[p], bool(flips[p])
-                v = 1 if f else 0
-                yield (d.images[k], crop_u[p], f, d.boxes[k], d.box_mask[k], d.input_ids[k, v],
-                       d.phrase_ids[k, v], d.token_masks[k, v])
-            epoch, pos = epoch + 1, 0
+            for b in range(first, self.batches_per_epoch):
+                for p in self.positions(b):
+                    k, f = order[p], bool(flips[p])
+                    v = 1 if f else 0
+                    yield (d.images[k], crop_u[p], f, d.boxes[k], d.box_mask[k],
+                           d.input_ids[k, v], d.phrase_ids[k, v], d.token_masks[k, v], d.ids[k])
+            epoch, first = epoch + 1, 0
 
-    def _preprocess(self, image, crop_u, flip, boxes, box_mask, input_ids, phrase_ids, token_masks):
+    def _preprocess(self, image, crop_u, flip, boxes, box_mask, input_ids, phrase_ids, token_masks,
+                    item_id):
         res = self.resolution
         img = tf.io.decode_image(image, channels=3, expand_animations=False)
         h, w = tf.shape(img)[0], tf.shape(img)[1]
@@ -249,6 +274,7 @@ class TrainIterator:
             "boxes": boxes * keepf[:, None],
             "masks": keepf,
             "phrase_token_masks": tf.cast(token_masks, tf.float32) * keepf[:, None],
+            "ids": item_id,
         }
 
     def _build(self) -> Iterator:
@@ -257,7 +283,7 @@ class TrainIterator:
             tf.TensorSpec((), tf.string), tf.TensorSpec((2,), tf.float32), tf.TensorSpec((), tf.bool),
             tf.TensorSpec((n_boxes, 4), tf.float32), tf.TensorSpec((n_boxes,), tf.bool),
             tf.TensorSpec((MAX_LENGTH,), tf.int32), tf.TensorSpec((n_boxes, MAX_LENGTH), tf.int32),
-            tf.TensorSpec((n_boxes, MAX_LENGTH), tf.bool))
+            tf.TensorSpec((n_boxes, MAX_LENGTH), tf.bool), tf.TensorSpec((), tf.string))
         start_epoch, start_batch = self._epoch, self._batch
         ds = tf.data.Dataset.from_generator(lambda: self._generator(start_epoch, start_batch),
                                             output_signature=signature)
@@ -281,6 +307,7 @@ class TrainIterator:
         if self._it is None:
             self._it = self._build()
         batch = next(self._it)
+        self.last_ids = [i.decode() for i in batch.pop("ids")]
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
@@ -308,10 +335,10 @@ def make_train_iterator(data_dir: str, tokenizer, batch_size: int, resolution: i
     Args:
       data_dir: TFDS data dir holding the built ``goal2k`` dataset.
       tokenizer: a CLIP tokenizer (text.load_tokenizer) or a tokenizer folder path.
-      batch_size: per-host batch size B.
+      batch_size: per-host batch size B (the global batch is B x process_count).
       resolution: output side H = W in pixels.
       max_boxes: N; items with more boxes keep the N largest.
-      seed: data order, flips and crops are a function of (seed, epoch, host) only.
+      seed: data order, flips and crops are a function of (seed, epoch) only.
       flip: random horizontal flip (p = 0.5) with left/right swapped in the texts.
       random_crop: random crop window after resizing (else center crop).
       min_box_size: minimum normalized box area (w * h in [0, 1]) kept after cropping.
@@ -319,7 +346,8 @@ def make_train_iterator(data_dir: str, tokenizer, batch_size: int, resolution: i
       source_dir: a format-1 folder to build into ``data_dir`` first (reused if built); with
         several processes, process 0 builds and the others wait for it (shared data_dir).
       shuffle: per-epoch shuffling (False: dataset order).
-      process_index, process_count: host shard; default jax.process_index()/process_count().
+      process_index, process_count: this host's rows of each global batch; default
+        jax.process_index() / jax.process_count().
     """
     if batch_size < 1 or resolution < 8 or max_boxes < 1:
         raise ValueError(f"make_train_iterator: need batch_size >= 1, resolution >= 8, max_boxes >= 1; "
@@ -340,7 +368,7 @@ def make_train_iterator(data_dir: str, tokenizer, batch_size: int, resolution: i
             goal2k.build_goal2k(source_dir, data_dir)
         else:  # the other hosts wait for host 0's build (TFDS renames the folder when complete)
             _wait_for_build(data_dir)
-    examples = read_shard(data_dir, split, process_index, process_count)
+    examples = read_shard(data_dir, split, 0, 1)  # every host: the order is global (step 2)
     data = ShardData(examples, tokenizer, max_boxes, flip)
     return TrainIterator(data, batch_size=batch_size, resolution=resolution, seed=seed, flip=flip,
                          random_crop=random_crop, shuffle=shuffle, min_box_size=min_box_size,

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 
+from goal_jax import distributed
 from goal_jax import layout as layout_lib
 from goal_jax.evaluation import generate as generate_lib
 from goal_jax.evaluation import metrics
@@ -202,8 +203,10 @@ def preflight(prompt_file: str, n_images: int, limit: int | None = None,
 def _stray_files(samples: str, expected: set[str]) -> list[str]:
     """Files in ``samples`` of no request of this run; interrupted writes (``.tmp-*``, see
     ``generate.render``) are removed first."""
-    generate_lib.remove_partial_writes([samples])
-    return sorted(set(os.listdir(samples)) - expected)
+    if distributed.is_primary():
+        generate_lib.remove_partial_writes([samples])
+    return sorted(n for n in set(os.listdir(samples)) - expected
+                  if not n.startswith(generate_lib.TMP_PREFIX))
 
 
 def run(prompt_file: str, out_dir: str, planner, generator=None, n_images: int = 10,
@@ -266,17 +269,18 @@ def run(prompt_file: str, out_dir: str, planner, generator=None, n_images: int =
                            "prompts": len(prompts), "n_images": n_images,
                            "planner": getattr(planner, "name", None),
                            "planner_failures": failures}
-    with open(os.path.join(out_dir, "layouts.jsonl"), "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    with open(os.path.join(out_dir, "SCORING.md"), "w", encoding="utf-8") as f:
-        f.write(scoring_commands(out_dir, category, not complex_partial or (
-            n_images == THREE_IN_ONE_IMAGES and limit is None)))
+    if distributed.is_primary():  # several processes: process 0 writes the files
+        with open(os.path.join(out_dir, "layouts.jsonl"), "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        with open(os.path.join(out_dir, "SCORING.md"), "w", encoding="utf-8") as f:
+            f.write(scoring_commands(out_dir, category, not complex_partial or (
+                n_images == THREE_IN_ONE_IMAGES and limit is None)))
     if generator is None:
         return out
     generated = generate_lib.render(requests, generator, overwrite)
     out.update(images=len(requests), generated=generated)
-    if clip_scorer is not None:
+    if clip_scorer is not None:  # scripts/evaluate.py: on process 0 only
         clip = []
         for start, images in generate_lib.load_images([r.path for r in requests]):
             chunk = requests[start:start + len(images)]

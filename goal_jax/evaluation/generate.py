@@ -97,11 +97,21 @@ def render(requests: Sequence[Request], generator: Generator, overwrite: bool = 
     Each image is written to ``.tmp-<name>`` and renamed, so an interrupted run leaves no
     half-written image under the real name; such leftovers are deleted at the start (the
     benchmarks' scorers read every file of the folder).
+
+    Several processes (goal_jax.distributed): every process calls ``render`` with the same
+    requests and makes its share (request k on process ``k % count``), so each image is
+    written once, by one process; it returns when every image is written, with the number made
+    by all processes.
     """
     from PIL import Image
 
-    remove_partial_writes([os.path.dirname(os.path.abspath(r.path)) for r in requests])
-    todo = [i for i, r in enumerate(requests) if overwrite or not os.path.isfile(r.path)]
+    from goal_jax import distributed
+
+    if distributed.is_primary():
+        remove_partial_writes([os.path.dirname(os.path.abspath(r.path)) for r in requests])
+    distributed.barrier("goal_jax.render.start")  # no process writes before the clean-up
+    todo = [i for i in distributed.my_share(len(requests))
+            if overwrite or not os.path.isfile(requests[i].path)]
     use_batch = hasattr(generator, "generate_batch")
     batch = int(getattr(generator, "batch_size", 1) or 1) if use_batch else 1
     for s in range(0, len(todo), batch):
@@ -125,7 +135,13 @@ def render(requests: Sequence[Request], generator: Generator, overwrite: bool = 
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-    return len(todo)
+    index, count = distributed.process_index_and_count()
+    if count > 1:
+        print(f"process {index} of {count}: made {len(todo)} of {len(requests)} image(s)",
+              flush=True)
+    made = distributed.sum_over_processes(len(todo))
+    distributed.barrier("goal_jax.render.end")  # every image is on disk for the scorers
+    return made
 
 
 def load_images(paths: Sequence[str], chunk: int = 32):

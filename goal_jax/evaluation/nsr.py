@@ -41,6 +41,7 @@ import os
 from typing import Any, Sequence
 
 
+from goal_jax import distributed
 from goal_jax import layout as layout_lib
 from goal_jax.evaluation import generate as generate_lib
 from goal_jax.evaluation import metrics
@@ -420,12 +421,13 @@ def _evaluate_task(task, items, out_dir, planner, generator, layout_source, n_it
         out.update(summarize_layouts(
             task, items, {m: [r[f"{_LAYOUT_KEY[m]}_scores"] for r in rows] for m in MATCHINGS}))
         out["planner_failures"] = failures
-        with open(os.path.join(out_dir, f"nsr1k_{task}_planned.jsonl"), "w",
-                  encoding="utf-8") as f:
-            for item, layout in zip(items, planned):
-                if layout is not None:
-                    f.write(json.dumps(layout_lib.LayoutItem(
-                        item.prompt, layout, None, f"{task}-{item.id}").to_dict()) + "\n")
+        if distributed.is_primary():  # several processes: process 0 writes the files
+            with open(os.path.join(out_dir, f"nsr1k_{task}_planned.jsonl"), "w",
+                      encoding="utf-8") as f:
+                for item, layout in zip(items, planned):
+                    if layout is not None:
+                        f.write(json.dumps(layout_lib.LayoutItem(
+                            item.prompt, layout, None, f"{task}-{item.id}").to_dict()) + "\n")
     if generator is not None:
         requests, owners = [], []
         skipped = [it.id for it in items if layout_source == "gt" and not it.layout_complete]
@@ -470,7 +472,9 @@ def _evaluate_task(task, items, out_dir, planner, generator, layout_source, n_it
                                       if task == "counting"
                                       else metrics.summarize_spatial(det_rows))
         out["image"] = image_out
-    with open(os.path.join(out_dir, f"nsr1k_{task}_items.jsonl"), "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    if distributed.is_primary():
+        with open(os.path.join(out_dir, f"nsr1k_{task}_items.jsonl"), "w",
+                  encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
     return out
