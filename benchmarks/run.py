@@ -26,7 +26,7 @@ is separable. Measurements:
   same run). The ratio shows what skipping padding buys, not kernel speed.
 * ``sample``: ``--sample-steps`` DDIM steps with classifier-free guidance (7.5), scheduled
   sampling β = 0.3, text encoding and VAE decode included, same initial noise. goal_jax:
-  ``sampling.GroundedSampler`` (``compile_s`` = its first-call compile); PyTorch: diffusers'
+  ``sampling.GLIGENPipeline`` (``compile_s`` = its first-call compile); PyTorch: diffusers'
   ``StableDiffusionGLIGENPipeline`` (output_type="np"). Times per image (batch 1).
 * ``unet``: one GLIGEN U-Net forward (grounding on) without gradients.
 
@@ -178,7 +178,7 @@ def _jax_worker(args, size, paths) -> dict:
         rec.update(_summary(times), first_call_s=warm[0] if warm else None)
     else:  # sample
         pipe = weights.load_pipeline(paths["pipeline"])
-        sampler = sampling.GroundedSampler(pipe, devices=jax.devices()[:1])
+        sampler = sampling.GLIGENPipeline(pipe, devices=jax.devices()[:1])
         captions, layouts, noise = bm.sample_inputs(size, args.batch)
         options = sampling.SampleOptions(num_steps=args.sample_steps, guidance_scale=7.5,
                                          beta=0.3, sampler="ddim")

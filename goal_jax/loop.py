@@ -443,7 +443,7 @@ def write_sample_layouts(path: str, layouts) -> None:
 
 
 def create_sampler(models, frozen, pipeline_path: str, devices):
-    """A GroundedSampler over the run's models and frozen weights (its U-Net params are set at
+    """A GLIGENPipeline over the run's models and frozen weights (its U-Net params are set at
     each :func:`sample_layouts`), on this host's devices."""
     import jax
 
@@ -452,12 +452,12 @@ def create_sampler(models, frozen, pipeline_path: str, devices):
 
     scheduler_config = weights.read_config(os.path.join(pipeline_path, "scheduler"),
                                            "scheduler_config.json")
-    pipe = weights.GLIGENPipeline(
+    pipe = weights.GLIGENComponents(
         models.unet, None, models.vae, frozen["vae"], models.text_encoder,
         frozen["text_encoder"], text_lib.load_tokenizer(os.path.join(pipeline_path, "tokenizer")),
         scheduler_config, pipeline_path)
     local = [d for d in devices if d.process_index == jax.process_index()]
-    return sampling.GroundedSampler(pipe, unet_params={}, devices=local)
+    return sampling.GLIGENPipeline(pipe, unet_params={}, devices=local)
 
 
 def sample_layouts(sampler, unet_params, layouts, sample_config, resolution: int):

@@ -398,8 +398,9 @@ def save_unet(folder: str, unet, params: Params) -> None:
 
 
 @dataclasses.dataclass
-class GLIGENPipeline:
-    """The components of a diffusers GLIGEN (text-box) pipeline folder."""
+class GLIGENComponents:
+    """The components of a diffusers GLIGEN (text-box) pipeline folder (what
+    :func:`load_pipeline` returns; ``goal_jax.sampling.GLIGENPipeline`` samples with them)."""
 
     unet: Any
     unet_params: Any
@@ -413,9 +414,9 @@ class GLIGENPipeline:
 
 
 def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
-                  component_loader: Callable | None = None, **unet_options) -> GLIGENPipeline:
+                  component_loader: Callable | None = None, **unet_options) -> GLIGENComponents:
     """diffusers ``StableDiffusionGLIGENPipeline`` folder (``unet/ vae/ text_encoder/ tokenizer/
-    scheduler/``) -> :class:`GLIGENPipeline`.
+    scheduler/``) -> :class:`GLIGENComponents`.
 
     Each model folder may be in either form (safetensors or orbax ``params/``).
     ``component_loader(path, kind, dtype, **options) -> (module, params)`` replaces
@@ -433,7 +434,7 @@ def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
                                                  "text_encoder", dtype)
     tokenizer = text_lib.load_tokenizer(os.path.join(path, "tokenizer"))
     scheduler_config = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
-    return GLIGENPipeline(unet, unet_params, vae, vae_params, text_encoder, text_params,
+    return GLIGENComponents(unet, unet_params, vae, vae_params, text_encoder, text_params,
                           tokenizer, scheduler_config, path)
 
 

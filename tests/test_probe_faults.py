@@ -224,7 +224,7 @@ OPTIONS = sampling.SampleOptions(num_steps=STEPS, guidance_scale=7.5, beta=0.3)
 def test_sampler_refuses_non_finite_images(pipeline):
     pipe = weights.load_pipeline(pipeline)
     pipe.vae_params = jax.tree_util.tree_map(lambda x: x * np.nan, pipe.vae_params)
-    sampler = sampling.GroundedSampler(pipe, devices=jax.devices()[:2])
+    sampler = sampling.GLIGENPipeline(pipe, devices=jax.devices()[:2])
     from goal_jax.layout import Layout
 
     with pytest.raises(sampling.NonFiniteSampleError, match=r"2 of 2 images hold NaN or "
@@ -289,7 +289,7 @@ def test_long_captions_and_phrases_warn_with_their_token_count(pipeline):
     from goal_jax.layout import Layout
 
     pipe = weights.load_pipeline(pipeline)
-    sampler = sampling.GroundedSampler(pipe, devices=jax.devices()[:2])
+    sampler = sampling.GLIGENPipeline(pipe, devices=jax.devices()[:2])
     words = " ".join(["red cat"] * 50)
     with pytest.warns(sampling.TextTruncatedWarning) as record:
         sampler.sample([words, "a dog"], [Layout(("a dog " + words,), ((0.1, 0.1, 0.9, 0.9),)),
