@@ -188,10 +188,9 @@ def run_jax(args) -> None:
     def measure_train(b):
         tparams = _random_params(bm.jax_init(tmods, abstract=True))
         opt, lr = train.make_optimizer(cfg)
-        state = train.create_train_state(tparams, cfg, opt, jax.random.PRNGKey(0))
+        st, frozen = train.create_train_state(tparams, cfg, opt, jax.random.PRNGKey(0))
         step = train.make_train_step(models, cfg, opt, lr)
         batch = {k: jnp.asarray(v) for k, v in bm.train_batch(size, tok, b).items()}
-        frozen, st = state.frozen, state.replace(frozen=None)
         t0 = time.perf_counter()
         compiled = step.jitted.lower(st, frozen, batch).compile()
         compile_s = time.perf_counter() - t0

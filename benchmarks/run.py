@@ -132,7 +132,7 @@ def _jax_worker(args, size, paths) -> dict:
             rec["encoded_phrase_tokens"] = cfg.encoded_phrase_tokens
         models, params = train.load_models(cfg)
         opt, lr = train.make_optimizer(cfg)
-        state = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
+        st, frozen = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
         step = train.make_train_step(models, cfg, opt, lr)
         tok = text.load_tokenizer(paths["tokenizer"])
         host_batch = bm.train_batch(size, tok, args.batch)
@@ -141,7 +141,6 @@ def _jax_worker(args, size, paths) -> dict:
             train.check_phrase_tokens(host_batch["phrase_input_ids"], host_batch["masks"],
                                       cfg.encoded_phrase_tokens, train.phrase_eos_token_ids(models))
         batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
-        frozen, st = state.frozen, state.replace(frozen=None)
         rec["setup_rss_mib"] = _rss_mib()
         start = time.perf_counter()
         compiled = step.jitted.lower(st, frozen, batch).compile()

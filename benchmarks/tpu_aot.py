@@ -232,10 +232,12 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
                               jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
     params = bm.jax_init(modules, abstract=True)
     opt, lr = train.make_optimizer(cfg)
-    state = jax.eval_shape(lambda p: train.create_train_state(p, cfg, opt,
-                                                              jax.random.PRNGKey(0)), params)
-    step = train.make_train_step(models, cfg, opt, lr, mesh=mesh, example_state=state)
-    full = train.state_shardings(state, mesh, params_mode, cfg.sharding.fsdp_min_size)
+    state, frozen = jax.eval_shape(lambda p: train.create_train_state(
+        p, cfg, opt, jax.random.PRNGKey(0)), params)
+    step = train.make_train_step(models, cfg, opt, lr, mesh=mesh, example_state=state,
+                                 example_frozen=frozen)
+    state_sh = train.state_shardings(state, mesh, params_mode, cfg.sharding.fsdp_min_size)
+    frozen_sh = train.frozen_shardings(frozen, mesh, params_mode, cfg.sharding.fsdp_min_size)
     batch, slots, img = per_core * n, size.max_boxes, size.image
     f32, i32 = jnp.float32, jnp.int32
     shapes = {"images": ((batch, img, img, 3), f32), "input_ids": ((batch, 77), i32),
@@ -243,9 +245,8 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
               "masks": ((batch, slots), f32), "phrase_token_masks": ((batch, slots, 77), f32)}
     data = sharding.batch_sharding(mesh)
     batch_sds = {k: jax.ShapeDtypeStruct(s, d, sharding=data) for k, (s, d) in shapes.items()}
-    donated = _sds(state.replace(frozen=None), full.replace(frozen=None))
-    frozen = _sds(state.frozen, full.frozen)
-    return step.jitted, (donated, frozen, batch_sds), params, mesh
+    return (step.jitted, (_sds(state, state_sh), _sds(frozen, frozen_sh), batch_sds), params,
+            mesh)
 
 
 def build_sample(size_name: str, variant: str, devices: list, per_core: int,

@@ -167,13 +167,12 @@ def restore_or_init(ckpt, state, data_iter):
     to its position), or ``state`` itself when there is none."""
     if ckpt.latest_step() is None:
         return state
-    frozen = state.frozen
-    restored = ckpt.restore(state.replace(frozen=None))
+    restored = ckpt.restore(state)
     data_iter.set_state(data_state_of_this_process(
         restored.data_state, f"{ckpt.directory}/{restored.step}"))
     print(f"Resumed from {ckpt.directory}/{restored.step} (step {int(restored.state.step)})",
           flush=True)
-    return restored.state.replace(frozen=frozen)
+    return restored.state
 
 
 def checkpoint_metadata(config: ml_collections.ConfigDict, checkpoint_dir: str) -> dict:
@@ -411,15 +410,14 @@ def _all_finite(tree):
 
 
 def save_checkpoint(ckpt, step: int, state, data_iter, metadata: dict, reason: str) -> None:
-    """Starts saving ``state`` (without its frozen part), the data position of every host and
-    ``metadata`` at ``step``; raises NonFiniteLossError instead when the trainable params are
-    not all finite (a diverged step is never saved)."""
+    """Starts saving ``state`` (the TrainState: what trains, no frozen params), the data
+    position of every host and ``metadata`` at ``step``; raises NonFiniteLossError instead when
+    the trainable params are not all finite (a diverged step is never saved)."""
     import jax
 
     if not bool(jax.jit(_all_finite)(state.params)):  # step + 1 would be the first bad loss
         raise NonFiniteLossError(f"non-finite parameters after step {step}", step + 1)
-    ckpt.save(step, state.replace(frozen=None),
-              data_states_of_all_processes(data_iter.get_state()),
+    ckpt.save(step, state, data_states_of_all_processes(data_iter.get_state()),
               dict(metadata, reason=reason, time=time.time()))
 
 
@@ -491,6 +489,7 @@ class _Run:
     global_batch: int
     models: Any
     train_step: Any
+    frozen: Any  # the frozen params: the train step's second argument, never in checkpoints
     data_iter: Any
     ckpt: Any
     metadata: dict
@@ -510,11 +509,12 @@ def _set_up(config, workdir: str):
     mesh, devices, global_batch, local_batch = create_mesh(config)
     models, params = train_lib.load_models(t)
     optimizer, lr_schedule = train_lib.make_optimizer(t)
-    state = train_lib.create_train_state(params, t, optimizer)
+    state, frozen = train_lib.create_train_state(params, t, optimizer)
     del params
-    state = train_lib.shard_state(state, mesh, t.sharding.params, t.sharding.fsdp_min_size)
+    state, frozen = train_lib.shard_state(state, frozen, mesh, t.sharding.params,
+                                          t.sharding.fsdp_min_size)
     train_step = train_lib.make_train_step(models, t, optimizer, lr_schedule, mesh=mesh,
-                                           example_state=state)
+                                           example_state=state, example_frozen=frozen)
     ckpt = checkpoints.CheckpointManager(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save, check_writable=jax.process_index() == 0)
@@ -529,12 +529,12 @@ def _set_up(config, workdir: str):
     if is_main and layouts:
         write_sample_layouts(os.path.join(workdir, "sample_layouts.jsonl"), layouts)
     n_train, n_frozen = train_lib.parameter_counts(
-        train_lib.merge_params(state.params, state.frozen["unet"]), t)
+        train_lib.merge_params(state.params, frozen["unet"]), t)
     print(f"Training {t.steps} steps from step {int(state.step)}: global batch {global_batch} "
           f"on {mesh.devices.size} devices; U-Net params trainable {n_train:,}, frozen "
           f"{n_frozen:,}", flush=True)
-    run = _Run(config, workdir, mesh, devices, global_batch, models, train_step, data_iter,
-               ckpt, checkpoint_metadata(config, ckpt.directory), writer, layouts)
+    run = _Run(config, workdir, mesh, devices, global_batch, models, train_step, frozen,
+               data_iter, ckpt, checkpoint_metadata(config, ckpt.directory), writer, layouts)
     return run, state
 
 
@@ -624,7 +624,7 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
     for step in range(start + 1, steps + 1):
         batch = sharding_lib.put_batch(next(run.data_iter), run.mesh)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = run.train_step(state, batch)
+            state, metrics = run.train_step(state, run.frozen, batch)
         log.add(step, metrics)
         ckpt.check_for_errors()  # a failed background save stops the run now
         preempted = bool(stop) or (jax.process_count() > 1 and ckpt.reached_preemption(step))
@@ -647,9 +647,9 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
         every = config.sample.every_steps
         if run.layouts and every and (step % every == 0 or last):
             if run.sampler is None:
-                run.sampler = create_sampler(run.models, state.frozen,
+                run.sampler = create_sampler(run.models, run.frozen,
                                              config.train.model.pipeline, run.devices)
-            unet_params = train_lib.merge_params(state.params, state.frozen["unet"])
+            unet_params = train_lib.merge_params(state.params, run.frozen["unet"])
             run.writer.write_images(step, {"samples": sample_layouts(
                 run.sampler, unet_params, run.layouts, config.sample, config.data.resolution)})
         if preempted or stop_here:

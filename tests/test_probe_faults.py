@@ -56,7 +56,7 @@ def _sample_args(folder, out, *extra):
 
 def _train_state_checkpoint(folder, trainable, step=7):
     """A checkpoint as the training loop writes it: TrainState(params=trainable leaves)."""
-    state = train.TrainState(step=jnp.int32(step), params=trainable, frozen=None,
+    state = train.TrainState(step=jnp.int32(step), params=trainable,
                              opt_state=optax.adam(1e-3).init(trainable), rng=jax.random.key(1))
     manager = checkpoints.CheckpointManager(folder, async_save=False)
     manager.save(step, state, metadata={"pipeline": "/nowhere/pipeline"})
@@ -324,7 +324,7 @@ def test_convert_finds_the_pipeline_of_a_moved_workdir(pipeline, tmp_path):
     ckpt = str(workdir / "checkpoints")
     base = weights.load_pipeline(pipeline)
     trainable = {"conv_out": {"bias": jnp.asarray(base.unet_params["conv_out"]["bias"]) + 2}}
-    state = train.TrainState(step=jnp.int32(3), params=trainable, frozen=None,
+    state = train.TrainState(step=jnp.int32(3), params=trainable,
                              opt_state=optax.adam(1e-3).init(trainable), rng=jax.random.key(1))
     manager = checkpoints.CheckpointManager(ckpt, async_save=False)
     manager.save(3, state, metadata={"pipeline": "/old/place/demo_models/pipeline",

@@ -171,7 +171,7 @@ def test_checkpoint_unet(folder, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     # What the training loop saves: a TrainState whose params are the trainable U-Net leaves.
     trainable = {"conv_out": {"bias": jnp.asarray(bias)}}
-    state = train.TrainState(step=jnp.int32(7), params=trainable, frozen=None,
+    state = train.TrainState(step=jnp.int32(7), params=trainable,
                              opt_state=optax.adam(1e-3).init(trainable),
                              rng=jax.random.key(1))
     manager = checkpoints.CheckpointManager(ckpt, async_save=False)
