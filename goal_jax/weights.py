@@ -31,6 +31,7 @@ and shape mismatches by name. Parameters are always float32 (compute dtype is a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -508,6 +509,24 @@ def load_params(folder: str, shapes, source: str | None = None):
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _open_checkpoint(checkpoint: str):
+    """A goal_jax.checkpoints.CheckpointManager over an existing training checkpoint folder,
+    closed on exit; a missing folder, or a missing step asked of it (FileNotFoundError), is a
+    CheckpointError."""
+    from goal_jax import checkpoints
+
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
+    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
+    try:
+        yield manager
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e
+    finally:
+        manager.close()
+
+
 def load_trained_unet(checkpoint: str, base_params, step: int | None = None):
     """U-Net parameters of a GOAL training checkpoint, merged over the base U-Net's.
 
@@ -527,20 +546,10 @@ def load_trained_unet(checkpoint: str, base_params, step: int | None = None):
     Raises:
       CheckpointError: no such folder or step, names or shapes that differ, non-finite values.
     """
-    from goal_jax import checkpoints
-
-    if not os.path.isdir(checkpoint):
-        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
-    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
-    try:
-        try:
-            step = manager.resolve_step(step)
-        except FileNotFoundError as e:
-            raise CheckpointError(str(e)) from e
+    with _open_checkpoint(checkpoint) as manager:
+        step = manager.resolve_step(step)
         trained = manager.restore_params(step)
         metadata = manager.restore_metadata(step)
-    finally:
-        manager.close()
     base = traverse_util.flatten_dict(_unfreeze(base_params))
     flat = traverse_util.flatten_dict(_unfreeze(trained))
     unknown = sorted("/".join(k) for k in flat if k not in base)
@@ -562,18 +571,8 @@ def base_pipeline_of(checkpoint: str, step: int | None = None) -> str:
     ``pipeline_relative`` path taken from the checkpoint folder (right for a moved or copied
     workdir, e.g. the demo models inside it), else its absolute ``pipeline`` path. Raises
     CheckpointError when neither exists."""
-    from goal_jax import checkpoints
-
-    if not os.path.isdir(checkpoint):
-        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
-    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
-    try:
-        try:
-            meta = manager.restore_metadata(step)
-        except FileNotFoundError as e:
-            raise CheckpointError(str(e)) from e
-    finally:
-        manager.close()
+    with _open_checkpoint(checkpoint) as manager:
+        meta = manager.restore_metadata(step)
     candidates = []
     if meta.get("pipeline_relative"):
         candidates.append(os.path.normpath(os.path.join(os.path.abspath(checkpoint),
