@@ -10,7 +10,7 @@ Measurements (bf16 compute, float32 parameters and optimizer state, both sides):
 
 * ``sample``: 512x512, ``--sample-steps`` (50) DDIM steps, classifier-free guidance 7.5,
   scheduled sampling β = 0.3, 30 box slots, text encoding and VAE decode included; batch 1 and
-  8 (``--sample-batches``). goal_jax: ``sampling.GroundedSampler`` (bf16 modules); PyTorch:
+  8 (``--sample-batches``). goal_jax: ``sampling.GLIGENPipeline`` (bf16 modules); PyTorch:
   diffusers' ``StableDiffusionGLIGENPipeline`` in bfloat16 with SDPA attention
   (``num_images_per_prompt`` = batch).
 * ``train``: the GOAL train step with all three losses (paper weights), AdamW on fusers + attn1
@@ -152,10 +152,10 @@ def run_jax(args) -> None:
     params = _random_params(bm.jax_init(mods, abstract=True))
     jax.block_until_ready(params)
     _emit(args.out, "jax", dict(base, bench="init", wall_s=time.perf_counter() - start))
-    pipe = weights.GLIGENPipeline(mods["unet"], params["unet"], mods["vae"], params["vae"],
+    pipe = weights.GLIGENComponents(mods["unet"], params["unet"], mods["vae"], params["vae"],
                                   mods["text_encoder"], params["text_encoder"], tok,
                                   bm.scheduler_config(), path="")
-    sampler = sampling.GroundedSampler(pipe, devices=[dev])
+    sampler = sampling.GLIGENPipeline(pipe, devices=[dev])
     options = sampling.SampleOptions(num_steps=args.sample_steps, guidance_scale=7.5, beta=0.3,
                                      sampler="ddim", height=size.image, width=size.image)
     def measure_sample(b):
@@ -188,10 +188,9 @@ def run_jax(args) -> None:
     def measure_train(b):
         tparams = _random_params(bm.jax_init(tmods, abstract=True))
         opt, lr = train.make_optimizer(cfg)
-        state = train.create_train_state(tparams, cfg, opt, jax.random.PRNGKey(0))
+        st, frozen = train.create_train_state(tparams, cfg, opt, jax.random.PRNGKey(0))
         step = train.make_train_step(models, cfg, opt, lr)
         batch = {k: jnp.asarray(v) for k, v in bm.train_batch(size, tok, b).items()}
-        frozen, st = state.frozen, state.replace(frozen=None)
         t0 = time.perf_counter()
         compiled = step.jitted.lower(st, frozen, batch).compile()
         compile_s = time.perf_counter() - t0

@@ -92,8 +92,8 @@ def build(size_name: str, dtype_name: str, remat: bool, batch: int, tokenizer_di
                               jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
     params = bm.jax_init(modules, abstract=True)
     opt, lr = train.make_optimizer(cfg)
-    state = jax.eval_shape(lambda p: train.create_train_state(p, cfg, opt,
-                                                              jax.random.PRNGKey(0)), params)
+    state, frozen = jax.eval_shape(lambda p: train.create_train_state(
+        p, cfg, opt, jax.random.PRNGKey(0)), params)
     n, img = size.max_boxes, size.image
     f32, i32 = jnp.float32, jnp.int32
     batch_shapes = {
@@ -105,9 +105,9 @@ def build(size_name: str, dtype_name: str, remat: bool, batch: int, tokenizer_di
         "phrase_token_masks": jax.ShapeDtypeStruct((batch, n, 77), f32),
     }
     step = train.make_train_step(models, cfg, opt, lr)
-    pieces = dict(cfg=cfg, models=models, params=params, state=state, batch=batch_shapes,
-                  layers=layers)
-    return step.jitted, (state.replace(frozen=None), state.frozen, batch_shapes), pieces
+    pieces = dict(cfg=cfg, models=models, params=params, state=state, frozen=frozen,
+                  batch=batch_shapes, layers=layers)
+    return step.jitted, (state, frozen, batch_shapes), pieces
 
 
 def residuals(pieces) -> tuple[int, list[tuple[str, int]]]:
@@ -121,7 +121,8 @@ def residuals(pieces) -> tuple[int, list[tuple[str, int]]]:
         return -1, []
     from goal_jax import train
 
-    cfg, models, state, batch = (pieces[k] for k in ("cfg", "models", "state", "batch"))
+    cfg, models, state, frozen, batch = (pieces[k] for k in ("cfg", "models", "state", "frozen",
+                                                             "batch"))
     b = batch["images"].shape[0]
     shape = train.latent_shape(models, batch)
     t = jax.ShapeDtypeStruct((b,), "int32")
@@ -133,7 +134,7 @@ def residuals(pieces) -> tuple[int, list[tuple[str, int]]]:
 
         return jax.vjp(loss, trainable)
 
-    args = (state.params, state.frozen, batch, t, noise, noise)
+    args = (state.params, frozen, batch, t, noise, noise)
     closed, out_shape = jax.make_jaxpr(vjp, return_shape=True)(*args)
     jaxpr = closed.jaxpr
     num_res = len(jax.tree_util.tree_leaves(out_shape[1]))
@@ -178,7 +179,7 @@ def _analyse(variant, dtype_name, remat, lean, batch, compile_, tokenizer_dir,
     state, frozen, batch_shapes = args
     if lean:
         frozen = _to_bf16(frozen)
-        pieces["state"] = pieces["state"].replace(frozen=frozen)
+        pieces["frozen"] = frozen
     rec = {"kind": "memory", "size": "sd14", "variant": variant, "batch": batch,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "python -m benchmarks.memory " + " ".join(_ARGV),

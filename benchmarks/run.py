@@ -26,7 +26,7 @@ is separable. Measurements:
   same run). The ratio shows what skipping padding buys, not kernel speed.
 * ``sample``: ``--sample-steps`` DDIM steps with classifier-free guidance (7.5), scheduled
   sampling β = 0.3, text encoding and VAE decode included, same initial noise. goal_jax:
-  ``sampling.GroundedSampler`` (``compile_s`` = its first-call compile); PyTorch: diffusers'
+  ``sampling.GLIGENPipeline`` (``compile_s`` = its first-call compile); PyTorch: diffusers'
   ``StableDiffusionGLIGENPipeline`` (output_type="np"). Times per image (batch 1).
 * ``unet``: one GLIGEN U-Net forward (grounding on) without gradients.
 
@@ -132,7 +132,7 @@ def _jax_worker(args, size, paths) -> dict:
             rec["encoded_phrase_tokens"] = cfg.encoded_phrase_tokens
         models, params = train.load_models(cfg)
         opt, lr = train.make_optimizer(cfg)
-        state = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
+        st, frozen = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
         step = train.make_train_step(models, cfg, opt, lr)
         tok = text.load_tokenizer(paths["tokenizer"])
         host_batch = bm.train_batch(size, tok, args.batch)
@@ -141,7 +141,6 @@ def _jax_worker(args, size, paths) -> dict:
             train.check_phrase_tokens(host_batch["phrase_input_ids"], host_batch["masks"],
                                       cfg.encoded_phrase_tokens, train.phrase_eos_token_ids(models))
         batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
-        frozen, st = state.frozen, state.replace(frozen=None)
         rec["setup_rss_mib"] = _rss_mib()
         start = time.perf_counter()
         compiled = step.jitted.lower(st, frozen, batch).compile()
@@ -178,7 +177,7 @@ def _jax_worker(args, size, paths) -> dict:
         rec.update(_summary(times), first_call_s=warm[0] if warm else None)
     else:  # sample
         pipe = weights.load_pipeline(paths["pipeline"])
-        sampler = sampling.GroundedSampler(pipe, devices=jax.devices()[:1])
+        sampler = sampling.GLIGENPipeline(pipe, devices=jax.devices()[:1])
         captions, layouts, noise = bm.sample_inputs(size, args.batch)
         options = sampling.SampleOptions(num_steps=args.sample_steps, guidance_scale=7.5,
                                          beta=0.3, sampler="ddim")

@@ -23,7 +23,7 @@ Programs:
   α L_DSA + β L_MAA, AdamW on fusers + attn1 + attn2), the batch split over the cores,
   parameters and AdamW state replicated or FSDP-sharded (``--params``) as
   :mod:`goal_jax.sharding` does;
-* ``sample``: :class:`goal_jax.sampling.GroundedSampler`'s program: text encoding, 50 DDIM
+* ``sample``: :class:`goal_jax.sampling.GLIGENPipeline`'s program: text encoding, 50 DDIM
   steps with classifier-free guidance and scheduled sampling (β = 0.3), VAE decode; the batch
   split over a ("data",) mesh, parameters replicated (as the sampler does).
 
@@ -232,10 +232,12 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
                               jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
     params = bm.jax_init(modules, abstract=True)
     opt, lr = train.make_optimizer(cfg)
-    state = jax.eval_shape(lambda p: train.create_train_state(p, cfg, opt,
-                                                              jax.random.PRNGKey(0)), params)
-    step = train.make_train_step(models, cfg, opt, lr, mesh=mesh, example_state=state)
-    full = train.state_shardings(state, mesh, params_mode, cfg.sharding.fsdp_min_size)
+    state, frozen = jax.eval_shape(lambda p: train.create_train_state(
+        p, cfg, opt, jax.random.PRNGKey(0)), params)
+    step = train.make_train_step(models, cfg, opt, lr, mesh=mesh, example_state=state,
+                                 example_frozen=frozen)
+    state_sh = train.state_shardings(state, mesh, params_mode, cfg.sharding.fsdp_min_size)
+    frozen_sh = train.frozen_shardings(frozen, mesh, params_mode, cfg.sharding.fsdp_min_size)
     batch, slots, img = per_core * n, size.max_boxes, size.image
     f32, i32 = jnp.float32, jnp.int32
     shapes = {"images": ((batch, img, img, 3), f32), "input_ids": ((batch, 77), i32),
@@ -243,14 +245,13 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
               "masks": ((batch, slots), f32), "phrase_token_masks": ((batch, slots, 77), f32)}
     data = sharding.batch_sharding(mesh)
     batch_sds = {k: jax.ShapeDtypeStruct(s, d, sharding=data) for k, (s, d) in shapes.items()}
-    donated = _sds(state.replace(frozen=None), full.replace(frozen=None))
-    frozen = _sds(state.frozen, full.frozen)
-    return step.jitted, (donated, frozen, batch_sds), params, mesh
+    return (step.jitted, (_sds(state, state_sh), _sds(frozen, frozen_sh), batch_sds), params,
+            mesh)
 
 
 def build_sample(size_name: str, variant: str, devices: list, per_core: int,
                  tokenizer_dir: str, num_steps: int = 50):
-    """(jitted sampler program, abstract args): GroundedSampler's program (text encoding, DDIM
+    """(jitted sampler program, abstract args): GLIGENPipeline's program (text encoding, DDIM
     ``num_steps`` with CFG and scheduled sampling, VAE decode) on a ("data",) mesh."""
     import jax
     import jax.numpy as jnp
@@ -268,12 +269,12 @@ def build_sample(size_name: str, variant: str, devices: list, per_core: int,
                for k, m in modules.items()}
     mesh = Mesh(np.asarray(devices), ("data",))
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    # The program only reads these fields of the sampler (see GroundedSampler._program).
+    # The program only reads these fields of the sampler (see GLIGENPipeline._program).
     host = types.SimpleNamespace(unet=modules["unet"], vae=modules["vae"],
                                  text_encoder=modules["text_encoder"], grounded=True,
                                  _batch_sharding=data)
-    sampler = schedule.make_sampler("ddim", bm.scheduler_config(), num_steps, eta=0.0)
-    program = sampling.GroundedSampler._program(host, sampler, True)
+    sampler = schedule.make_scheduler("ddim", bm.scheduler_config(), num_steps, eta=0.0)
+    program = sampling.GLIGENPipeline._program(host, sampler, True)
     abstract = bm.jax_init({k: modules[k] for k in ("unet", "vae", "text_encoder")},
                            abstract=True)
     weights = {"unet": abstract["unet"], "vae": abstract["vae"],

@@ -8,7 +8,7 @@ Sources (``--source``):
   Base URL from ``--base-url`` or ``$OPENAI_BASE_URL`` (default OpenAI's, including ``/v1``),
   key from ``$OPENAI_API_KEY`` (``--api-key-env`` names another variable). The API takes no
   seed: the manifest records ``seed: null`` and the model's ``revised_prompt``.
-* ``local``: ``goal_jax.sampling.GroundedSampler`` on a diffusers GLIGEN (or plain Stable
+* ``local``: ``goal_jax.sampling.GLIGENPipeline`` on a diffusers GLIGEN (or plain Stable
   Diffusion) pipeline folder, text only (an empty layout), seeded per item
   (``crc32("<seed>:<id>")``), ``--batch-size`` prompts per call, the batch sharded over the
   local accelerators (``--num-devices``, default all). goal_jax's sampler (and jax) is imported
@@ -160,7 +160,7 @@ class LocalSource:
 
         pipeline = weights.load_pipeline(self.pipeline_dir)
         devices = jax.devices()[:self.num_devices] if self.num_devices else None
-        self._sampler = sampling.GroundedSampler(pipeline, devices=devices)
+        self._sampler = sampling.GLIGENPipeline(pipeline, devices=devices)
         self._options = sampling.SampleOptions(**self.settings)
         from goal_jax.layout import Layout
 

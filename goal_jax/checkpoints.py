@@ -149,6 +149,16 @@ def check_tree(stored, expected, source: str, what: str) -> None:
         raise CheckpointError("\n".join(lines))
 
 
+def _empty_entries(stored, target) -> list[str]:
+    """The top-level entries of a stored state that hold nothing (None) and that ``target``, a
+    dataclass such as goal_jax.train.TrainState, has no field for: the fields of an older
+    layout, e.g. ``frozen`` (always saved as None) before the frozen params left TrainState."""
+    if not isinstance(stored, dict) or not dataclasses.is_dataclass(target):
+        return []
+    fields = {f.name for f in dataclasses.fields(target)}
+    return sorted(k for k, v in stored.items() if v is None and k not in fields)
+
+
 def _abstract(x):
     """Array -> ShapeDtypeStruct with its sharding (restore target)."""
     if isinstance(x, jax.Array):
@@ -246,7 +256,8 @@ class CheckpointManager:
         ``target`` is a pytree of arrays or ``jax.ShapeDtypeStruct`` (with shardings): the
         restored arrays take its shapes, dtypes and shardings. Raises FileNotFoundError naming
         the directory when there is no checkpoint, ValueError when the stored tree does not
-        match ``target``.
+        match ``target``. Checkpoints of an older layout with an empty entry the target lacks
+        (TrainState's ``frozen=None`` before the frozen params left it) restore too.
         """
         step = self._resolve_step(step)
         abstract = jax.tree_util.tree_map(_abstract, target)
@@ -254,12 +265,17 @@ class CheckpointManager:
         stored = getattr(stored, "tree", stored)
         check_tree(stored, _abstract_keys_to_data(abstract),
                    f"checkpoint {self.directory}/{step}", "the train state")
+        empty = _empty_entries(stored, abstract)
+        item = _abstract_keys_to_data(abstract)
+        if empty:  # an older layout: restore onto its structure, then drop those entries
+            item = {**{f.name: getattr(item, f.name) for f in dataclasses.fields(item)},
+                    **{name: None for name in empty}}
         try:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     **{
-                        STATE: ocp.args.StandardRestore(_abstract_keys_to_data(abstract)),
+                        STATE: ocp.args.StandardRestore(item),
                         DATA: ocp.args.JsonRestore(),
                         META: ocp.args.JsonRestore(),
                     }
@@ -269,7 +285,10 @@ class CheckpointManager:
             raise ValueError(
                 f"checkpoint {self.directory}/{step} does not match the train state: {e}"
             ) from e
-        state = _data_to_keys(restored[STATE], abstract)
+        state = restored[STATE]
+        if empty:
+            state = abstract.replace(**{k: v for k, v in state.items() if k not in empty})
+        state = _data_to_keys(state, abstract)
         return Restored(step, state, _decode_data_state(restored[DATA]),
                         dict(restored[META] or {}))
 

@@ -176,13 +176,12 @@ def restore_or_init(ckpt, state, data_iter):
     to its position), or ``state`` itself when there is none."""
     if ckpt.latest_step() is None:
         return state
-    frozen = state.frozen
-    restored = ckpt.restore(state.replace(frozen=None))
+    restored = ckpt.restore(state)
     data_iter.set_state(data_state_of_this_process(
         restored.data_state, f"{ckpt.directory}/{restored.step}"))
     print(f"Resumed from {ckpt.directory}/{restored.step} (step {int(restored.state.step)})",
           flush=True)
-    return restored.state.replace(frozen=frozen)
+    return restored.state
 
 
 def checkpoint_metadata(config: ml_collections.ConfigDict, checkpoint_dir: str) -> dict:
@@ -428,15 +427,14 @@ def _all_finite(tree):
 
 
 def save_checkpoint(ckpt, step: int, state, data_iter, metadata: dict, reason: str) -> None:
-    """Starts saving ``state`` (without its frozen part), the data position of every host and
-    ``metadata`` at ``step``; raises NonFiniteLossError instead when the trainable params are
-    not all finite (a diverged step is never saved)."""
+    """Starts saving ``state`` (the TrainState: what trains, no frozen params), the data
+    position of every host and ``metadata`` at ``step``; raises NonFiniteLossError instead when
+    the trainable params are not all finite (a diverged step is never saved)."""
     import jax
 
     if not bool(jax.jit(_all_finite)(state.params)):  # step + 1 would be the first bad loss
         raise NonFiniteLossError(f"non-finite parameters after step {step}", step + 1)
-    ckpt.save(step, state.replace(frozen=None),
-              data_states_of_all_processes(data_iter.get_state()),
+    ckpt.save(step, state, data_states_of_all_processes(data_iter.get_state()),
               dict(metadata, reason=reason, time=time.time()))
 
 
@@ -478,7 +476,7 @@ def host_copy(tree):
 
 
 def create_sampler(models, frozen, pipeline_path: str, devices):
-    """A GroundedSampler over the run's models and frozen weights (its U-Net params are set at
+    """A GLIGENPipeline over the run's models and frozen weights (its U-Net params are set at
     each :func:`sample_layouts`), on this host's devices."""
     from goal_jax import distributed, sampling, weights
     from goal_jax import text as text_lib
@@ -486,12 +484,12 @@ def create_sampler(models, frozen, pipeline_path: str, devices):
     scheduler_config = weights.read_config(os.path.join(pipeline_path, "scheduler"),
                                            "scheduler_config.json")
     frozen = host_copy({"vae": frozen["vae"], "text_encoder": frozen["text_encoder"]})
-    pipe = weights.GLIGENPipeline(
+    pipe = weights.GLIGENComponents(
         models.unet, None, models.vae, frozen["vae"], models.text_encoder,
         frozen["text_encoder"], text_lib.load_tokenizer(os.path.join(pipeline_path, "tokenizer")),
         scheduler_config, pipeline_path)
-    return sampling.GroundedSampler(pipe, unet_params={},
-                                    devices=distributed.local_devices(devices))
+    return sampling.GLIGENPipeline(pipe, unet_params={},
+                                   devices=distributed.local_devices(devices))
 
 
 def sample_layouts(sampler, unet_params, layouts, sample_config, resolution: int):
@@ -537,6 +535,7 @@ class _Run:
     global_batch: int
     models: Any
     train_step: Any
+    frozen: Any  # the frozen params: the train step's second argument, never in checkpoints
     data_iter: Any
     ckpt: Any
     metadata: dict
@@ -557,11 +556,12 @@ def _set_up(config, workdir: str):
     mesh, devices, global_batch, local_batch = create_mesh(config)
     models, params = train_lib.load_models(t)
     optimizer, lr_schedule = train_lib.make_optimizer(t)
-    state = train_lib.create_train_state(params, t, optimizer)
+    state, frozen = train_lib.create_train_state(params, t, optimizer)
     del params
-    state = train_lib.shard_state(state, mesh, t.sharding.params, t.sharding.fsdp_min_size)
+    state, frozen = train_lib.shard_state(state, frozen, mesh, t.sharding.params,
+                                          t.sharding.fsdp_min_size)
     train_step = train_lib.make_train_step(models, t, optimizer, lr_schedule, mesh=mesh,
-                                           example_state=state)
+                                           example_state=state, example_frozen=frozen)
     ckpt = checkpoints.CheckpointManager(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save, check_writable=jax.process_index() == 0)
@@ -576,12 +576,12 @@ def _set_up(config, workdir: str):
     if is_main and layouts:
         write_sample_layouts(os.path.join(workdir, "sample_layouts.jsonl"), layouts)
     n_train, n_frozen = train_lib.parameter_counts(
-        train_lib.merge_params(state.params, state.frozen["unet"]), t)
+        train_lib.merge_params(state.params, frozen["unet"]), t)
     print(f"Training {t.steps} steps from step {int(state.step)}: global batch {global_batch} "
           f"on {mesh.devices.size} devices; U-Net params trainable {n_train:,}, frozen "
           f"{n_frozen:,}", flush=True)
-    run = _Run(config, workdir, mesh, devices, global_batch, models, train_step, data_iter,
-               ckpt, checkpoint_metadata(config, ckpt.directory), writer, layouts)
+    run = _Run(config, workdir, mesh, devices, global_batch, models, train_step, frozen,
+               data_iter, ckpt, checkpoint_metadata(config, ckpt.directory), writer, layouts)
     if config.log.data_ids:
         os.makedirs(os.path.join(workdir, "data_ids"), exist_ok=True)
         run.ids_log = open(os.path.join(workdir, "data_ids",
@@ -686,7 +686,7 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
                                           "ids": run.data_iter.last_ids}) + "\n")
             run.ids_log.flush()
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = run.train_step(state, batch)
+            state, metrics = run.train_step(state, run.frozen, batch)
         log.add(step, metrics)
         ckpt.check_for_errors()  # a failed background save stops the run now
         preempted = bool(stop) or (jax.process_count() > 1 and ckpt.reached_preemption(step))
@@ -709,9 +709,9 @@ def _steps(run: _Run, state, log: MetricLog, stop: _StopFlag, stop_at_step, repo
         every = config.sample.every_steps
         if run.layouts and every and (step % every == 0 or last):
             if run.sampler is None:
-                run.sampler = create_sampler(run.models, state.frozen,
+                run.sampler = create_sampler(run.models, run.frozen,
                                              config.train.model.pipeline, run.devices)
-            unet_params = train_lib.merge_params(state.params, state.frozen["unet"])
+            unet_params = train_lib.merge_params(state.params, run.frozen["unet"])
             run.writer.write_images(step, {"samples": sample_layouts(
                 run.sampler, unet_params, run.layouts, config.sample, config.data.resolution)})
         if preempted or stop_here:
@@ -734,7 +734,7 @@ def _compile_then_meet(run: _Run, state, batch) -> None:
     jitted = getattr(run.train_step, "jitted", None)  # goal_jax.train.make_train_step's jit
     if jitted is not None:
         with jax.set_mesh(run.mesh):
-            jitted.lower(state.replace(frozen=None), state.frozen, dict(batch)).compile()
+            jitted.lower(state, run.frozen, dict(batch)).compile()
     distributed.barrier("goal_jax.train_step_compiled")
 
 

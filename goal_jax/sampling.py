@@ -1,4 +1,5 @@
-"""The grounded sampler: caption + layout -> image, as one jit-compiled program.
+"""The GLIGEN pipeline (:class:`GLIGENPipeline`): caption + layout -> image, as one
+jit-compiled program.
 
 It follows diffusers' ``StableDiffusionGLIGENPipeline`` (text-box generation) step for step:
 
@@ -15,14 +16,14 @@ It follows diffusers' ``StableDiffusionGLIGENPipeline`` (text-box generation) st
   diffusers' disabled fusers; two loops, so no step computes a fuser it does not use),
   ``beta = 0.3`` by default as GLIGEN;
 * initial latents: standard normal noise [h, w, C] per item from ``jax.random.PRNGKey(seed)``
-  (so an image depends on its own seed only, not on the batch it is in), times the sampler's
+  (so an image depends on its own seed only, not on the batch it is in), times the scheduler's
   ``init_noise_sigma``;
 * the final latents are divided by the VAE's ``scaling_factor`` and decoded; images are
   ``clip(x / 2 + 0.5, 0, 1)`` (float, NHWC) and ``round(255 * that)`` as uint8, like diffusers'
   image processor.
 
 Text encoding, the whole denoising loop (``lax.fori_loop``) and the VAE decode run in one
-jit-compiled program, compiled ahead of time once per (model architectures, sampler, steps,
+jit-compiled program, compiled ahead of time once per (model architectures, scheduler, steps,
 eta, guidance on/off, padded batch, latent height, latent width, devices) and cached for the
 process; parameters, ``guidance_scale`` and ``beta`` are runtime inputs, so changing them does
 not recompile. The batch axis is sharded over a 1-D
@@ -56,8 +57,8 @@ MAX_BOXES = layout_lib.MAX_BOXES
 TEXT_LENGTH = 77
 
 # Compiled sampling programs of this process, keyed by the model architectures (module reprs),
-# scheduler config, sampler settings, padded batch, latent size and devices. Parameters are
-# inputs, so samplers with other weights of the same architecture share the programs.
+# scheduler config, scheduler settings, padded batch, latent size and devices. Parameters are
+# inputs, so pipelines with other weights of the same architecture share the programs.
 _PROGRAMS: dict[tuple, Any] = {}
 _TRACE_COUNT = [0]
 
@@ -101,7 +102,8 @@ class SampleOptions:
     """Settings of one sampling call.
 
     Attributes:
-      sampler: ``"ddim"``, ``"dpm++2m"`` or ``"pndm"`` (see ``goal_jax.schedule.make_sampler``).
+      sampler: the scheduler, ``"ddim"``, ``"dpm++2m"`` or ``"pndm"``
+        (``goal_jax.schedule.make_scheduler``).
       num_steps: number of inference steps.
       guidance_scale: classifier-free guidance weight w; guidance is on when ``w > 1``.
       beta: scheduled-sampling fraction in [0, 1]: grounding is on for the first
@@ -169,25 +171,26 @@ class SampleOutput:
     run_s: float
 
 
-class GroundedSampler:
-    """Samples images from captions and layouts with a loaded GLIGEN pipeline.
+class GLIGENPipeline:
+    """diffusers' ``StableDiffusionGLIGENPipeline`` in JAX: samples images from captions and
+    layouts (:meth:`sample`) with the components of a loaded GLIGEN pipeline folder.
 
     Args:
-      pipeline: a ``goal_jax.weights.GLIGENPipeline`` (``load_pipeline``).
-      unet_params: U-Net parameters to use instead of ``pipeline.unet_params`` (e.g. a GOAL
+      components: a ``goal_jax.weights.GLIGENComponents`` (``weights.load_pipeline``).
+      unet_params: U-Net parameters to use instead of ``components.unet_params`` (e.g. a GOAL
         fine-tune restored from a training checkpoint).
       devices: devices of the data mesh (default ``jax.devices()``).
       max_boxes: grounding slots (30 in GLIGEN).
     """
 
-    def __init__(self, pipeline, unet_params=None, devices: Sequence[Any] | None = None,
+    def __init__(self, components, unet_params=None, devices: Sequence[Any] | None = None,
                  max_boxes: int = MAX_BOXES):
-        self.pipeline = pipeline
-        self.unet = pipeline.unet
-        self.vae = pipeline.vae
-        self.text_encoder = pipeline.text_encoder
-        self.tokenizer = pipeline.tokenizer
-        self.scheduler_config = dict(pipeline.scheduler_config)
+        self.components = components
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.scheduler_config = dict(components.scheduler_config)
         self.max_boxes = int(max_boxes)
         self.grounded = bool(getattr(self.unet.config, "is_gligen", True))
         devices = list(devices) if devices is not None else jax.devices()
@@ -195,8 +198,8 @@ class GroundedSampler:
         self._replicated = NamedSharding(self.mesh, P())
         self._batch_sharding = NamedSharding(self.mesh, P("data"))
         self.params = jax.device_put(
-            {"unet": pipeline.unet_params if unet_params is None else unet_params,
-             "vae": pipeline.vae_params, "text": pipeline.text_params},
+            {"unet": components.unet_params if unet_params is None else unet_params,
+             "vae": components.vae_params, "text": components.text_params},
             self._replicated)
         self.vae_factor = int(self.vae.config.downsample_factor)
         self.latent_channels = int(self.unet.config.in_channels)
@@ -297,9 +300,9 @@ class GroundedSampler:
         batch_inputs = [_pad_batch(x, padded) for x in batch_inputs]
         batch_inputs = [jax.device_put(x, self._batch_sharding) for x in batch_inputs]
 
-        sampler = schedule_lib.make_sampler(options.sampler, self.scheduler_config,
-                                            options.num_steps, eta=options.eta)
-        n_ground = num_grounding_steps(options.beta, len(sampler.timesteps))
+        scheduler = schedule_lib.make_scheduler(options.sampler, self.scheduler_config,
+                                                options.num_steps, eta=options.eta)
+        n_ground = num_grounding_steps(options.beta, len(scheduler.timesteps))
         scalars = [jax.device_put(np.float32(options.guidance_scale), self._replicated),
                    jax.device_put(np.int32(n_ground), self._replicated)]
         args = (self.params, *batch_inputs, *scalars)
@@ -312,7 +315,7 @@ class GroundedSampler:
         compile_s = 0.0
         if key not in _PROGRAMS:
             start = time.perf_counter()
-            program = jax.jit(self._program(sampler, options.use_cfg))
+            program = jax.jit(self._program(scheduler, options.use_cfg))
             _PROGRAMS[key] = program.lower(*args).compile()
             compile_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -330,17 +333,17 @@ class GroundedSampler:
 
     # -- the compiled program --------------------------------------------------------------
 
-    def _program(self, sampler, use_cfg: bool):
+    def _program(self, scheduler, use_cfg: bool):
         """The jit-able function (params, caption_ids, negative_ids, phrase_ids, boxes, masks,
         noise, keys, guidance_scale, n_ground) -> (images float [B,H,W,3], images uint8)."""
         unet, vae, text_encoder = self.unet, self.vae, self.text_encoder
         grounded = self.grounded
-        timesteps = jnp.asarray(np.asarray(sampler.timesteps), jnp.int32)
-        num_calls = int(len(sampler.timesteps))
+        timesteps = jnp.asarray(np.asarray(scheduler.timesteps), jnp.int32)
+        num_calls = int(len(scheduler.timesteps))
         scaling = float(self.vae.config.scaling_factor)
-        init_sigma = float(sampler.init_noise_sigma)
+        init_sigma = float(scheduler.init_noise_sigma)
         batch_sharding = self._batch_sharding
-        stochastic = float(getattr(sampler, "eta", 0.0)) > 0
+        stochastic = float(getattr(scheduler, "eta", 0.0)) > 0
 
         def encode(params, ids):
             return text_encoder.apply({"params": params}, ids, method="encode_text")
@@ -371,7 +374,7 @@ class GroundedSampler:
                     }
 
             latents = noise * init_sigma
-            state = sampler.init_state(latents)
+            state = scheduler.init_state(latents)
 
             def body(i, carry, grounding_on: bool):
                 latents, state = carry
@@ -393,7 +396,7 @@ class GroundedSampler:
                 if stochastic:  # DDIM eta > 0: per-item, per-step noise from the item's seed
                     step_noise = jax.vmap(lambda k: jax.random.normal(
                         jax.random.fold_in(k, i), latents.shape[1:], jnp.float32))(keys)
-                latents, state = sampler.step(state, eps, i, latents, noise=step_noise)
+                latents, state = scheduler.step(state, eps, i, latents, noise=step_noise)
                 return latents, state
 
             carry = (latents, state)

@@ -1,4 +1,4 @@
-"""DDPM training schedule and the JAX samplers (DDIM, DPM-Solver++ multistep, PNDM/PLMS).
+"""DDPM training schedule and the JAX sampling schedulers (DDIM, DPM-Solver++, PNDM/PLMS).
 
 Everything reads a diffusers scheduler config dict (``scheduler/scheduler_config.json``) and
 matches the numbers of diffusers' PyTorch schedulers.
@@ -12,21 +12,21 @@ Training (eq. 1 and eq. 4 of the design doc)::
 
 Sampling, inside one ``jax.jit`` with ``lax.fori_loop`` / ``lax.scan`` (``i`` may be traced)::
 
-    sampler = make_sampler("ddim" | "dpm++2m" | "pndm", cfg, num_inference_steps, eta=0.0)
-    latents = latents * sampler.init_noise_sigma
-    state = sampler.init_state(latents)
+    scheduler = make_scheduler("ddim" | "dpm++2m" | "pndm", cfg, num_inference_steps, eta=0.0)
+    latents = latents * scheduler.init_noise_sigma
+    state = scheduler.init_state(latents)
     def body(i, carry):
         latents, state = carry
-        t = jnp.asarray(sampler.timesteps)[i]
+        t = jnp.asarray(scheduler.timesteps)[i]
         eps = model(latents, t)
-        return sampler.step(state, eps, i, latents)
-    latents, state = jax.lax.fori_loop(0, sampler.num_steps, body, (latents, state))
+        return scheduler.step(state, eps, i, latents)
+    latents, state = jax.lax.fori_loop(0, scheduler.num_steps, body, (latents, state))
 
-A sampler is a plain Python object whose per-step coefficients are precomputed numpy tables
+A scheduler is a plain Python object whose per-step coefficients are precomputed numpy tables
 (constants of the compiled program); its ``step`` only indexes them with ``i``, so one compiled
-loop serves every step. Missing sampler config keys take the defaults of the corresponding
+loop serves every step. Missing scheduler config keys take the defaults of the corresponding
 diffusers class (``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler``), so
-``make_sampler(name, cfg, n)`` and ``<DiffusersClass>.from_config(cfg)`` agree for any ``cfg``.
+``make_scheduler(name, cfg, n)`` and ``<DiffusersClass>.from_config(cfg)`` agree for any ``cfg``.
 SD-1.x pipeline configs contain every key that matters.
 
 Precision: the noise schedule is computed as diffusers does (float32 betas, cumulative product
@@ -48,7 +48,7 @@ from flax import struct
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SAMPLERS = ("ddim", "dpm++2m", "pndm")
+SCHEDULERS = ("ddim", "dpm++2m", "pndm")
 
 # SD-1.4 training schedule (the defaults of DDPMSchedule.from_config).
 SD14_SCHEDULE = {
@@ -238,7 +238,7 @@ def predict_x0(schedule: DDPMSchedule, z_t, model_output, t):
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers.
+# Schedulers (sampling).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -266,12 +266,12 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
-class Sampler:
+class Scheduler:
     """Base class. Attributes: ``name``; ``timesteps`` np.int32 [S] (model-call timesteps in
     order); ``num_steps`` = S; ``init_noise_sigma`` (float); ``prediction_type``;
     ``alphas_cumprod`` np.float32 [T]. ``init_state(latents)`` gives the pytree of history
     buffers; ``step(state, model_output, i, latents)`` -> (latents, state) for the model call
-    ``i`` (an int or traced int32 scalar in [0, S)) at timestep ``timesteps[i]``. Every sampler's
+    ``i`` (an int or traced int32 scalar in [0, S)) at timestep ``timesteps[i]``. Every scheduler's
     ``step`` accepts ``rng=None, noise=None``; only DDIM with eta > 0 uses them."""
 
     name = ""
@@ -295,7 +295,7 @@ class Sampler:
         return f"{type(self).__name__}(num_steps={self.num_steps}, timesteps={self.timesteps.tolist()})"
 
 
-class DDIMSampler(Sampler):
+class DDIMScheduler(Scheduler):
     """diffusers' DDIMScheduler.step (eta, clip_sample, set_alpha_to_one, steps_offset,
     timestep_spacing). With eta > 0, ``step`` adds std_t * noise, where ``noise`` [B,h,w,c]
     (standard normal, as diffusers' ``variance_noise``) is passed by the caller, or drawn
@@ -350,7 +350,7 @@ class DDIMSampler(Sampler):
         return prev.astype(jnp.result_type(latents)), state
 
 
-class DPMSolverMultistepSampler(Sampler):
+class DPMSolverMultistepScheduler(Scheduler):
     """diffusers' DPMSolverMultistepScheduler with algorithm_type "dpmsolver++" (deterministic):
     solver_order 1-3, solver_type midpoint | heun, lower_order_final, euler_at_final,
     final_sigmas_type zero | sigma_min, lambda_min_clipped, timestep_spacing, steps_offset.
@@ -462,7 +462,7 @@ class DPMSolverMultistepSampler(Sampler):
         return prev.astype(jnp.result_type(latents)), {"history": new_hist}
 
 
-class PNDMSampler(Sampler):
+class PNDMScheduler(Scheduler):
     """diffusers' PNDMScheduler: PLMS with skip_prk_steps=True (SD-1.x) or Runge-Kutta warm-up
     (12 PRK calls) then PLMS when False; set_alpha_to_one, steps_offset, timestep_spacing.
     The combined noise estimate of call i is a fixed linear mix of the current model output,
@@ -581,17 +581,17 @@ def _check_steps(num_inference_steps, num_train_timesteps):
     return int(num_inference_steps)
 
 
-def make_sampler(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int,
-                 eta: float = 0.0, source: str = "scheduler_config") -> Sampler:
-    """A sampler: "ddim" (DDIMScheduler, ``eta``), "dpm++2m" (DPMSolverMultistepScheduler,
+def make_scheduler(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int,
+                   eta: float = 0.0, source: str = "scheduler_config") -> Scheduler:
+    """A scheduler: "ddim" (DDIMScheduler, ``eta``), "dpm++2m" (DPMSolverMultistepScheduler,
     dpmsolver++ order 2 by default) or "pndm" (PNDMScheduler), configured from the diffusers
     scheduler config dict (missing keys: that diffusers class's defaults)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler name must be one of {list(SAMPLERS)}, got {name!r}")
+    if name not in SCHEDULERS:
+        raise ValueError(f"sampler name must be one of {list(SCHEDULERS)}, got {name!r}")
     if name == "ddim":
-        return DDIMSampler(scheduler_config, num_inference_steps, eta, source)
+        return DDIMScheduler(scheduler_config, num_inference_steps, eta, source)
     if eta != 0:
         raise ValueError(f"eta is a DDIM option; sampler {name!r} needs eta=0, got {eta!r}")
     if name == "dpm++2m":
-        return DPMSolverMultistepSampler(scheduler_config, num_inference_steps, source)
-    return PNDMSampler(scheduler_config, num_inference_steps, source)
+        return DPMSolverMultistepScheduler(scheduler_config, num_inference_steps, source)
+    return PNDMScheduler(scheduler_config, num_inference_steps, source)

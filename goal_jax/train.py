@@ -18,8 +18,15 @@ position net outputs its learnt null features); the alignment terms of that item
 excluded (they use the layout the model was given).
 
 Parameters stay float32; the compute dtype and remat are module options (:func:`load_models`).
-Frozen parameters (the rest of the U-Net, VAE, text encoder, CLIP) have no optimizer state, are
-passed to the jitted step separately from the donated train state and are never changed.
+The train state (:class:`TrainState`) holds what trains: step, trainable U-Net params, their
+optimizer state and the PRNG key. The frozen parameters (the rest of the U-Net, VAE, text
+encoder, CLIP; ``frozen = {"unet", "vae", "text_encoder", "clip"}``) live outside it: they have
+no optimizer state, are never saved in training checkpoints, and are an explicit argument of the
+jitted step (sharded like the params, never donated, never changed)::
+
+    state, frozen = create_train_state(params, config, optimizer)
+    step = make_train_step(models, config, optimizer, lr_schedule)
+    state, metrics = step(state, frozen, batch)
 
 Config: the ``train`` section of configs/goal.py (every field and its default documented
 there); :func:`default_train_config` returns the paper's.
@@ -216,22 +223,22 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 scalar (micro-steps done); params: the trainable U-Net parameters (nested
-    dict); frozen: {"unet": frozen U-Net part, "vae", "text_encoder", "clip"} (never updated,
-    never donated; None inside the jitted step); opt_state: optax state of ``params`` only;
-    rng: PRNG key."""
+    """What trains (and what a training checkpoint stores): step: int32 scalar (micro-steps
+    done); params: the trainable U-Net parameters (nested dict); opt_state: optax state of
+    ``params`` only; rng: PRNG key. The frozen parameters are not in it (see the module
+    docstring)."""
 
     step: jax.Array
     params: Any
-    frozen: Any
     opt_state: Any
     rng: jax.Array
 
 
 def create_train_state(params: Mapping, config, optimizer: optax.GradientTransformation,
-                       rng: jax.Array | None = None) -> TrainState:
-    """params = {"unet", "vae", "text_encoder", "clip"} -> TrainState (trainable split by
-    :func:`trainable_patterns`).
+                       rng: jax.Array | None = None) -> tuple[TrainState, dict]:
+    """params = {"unet", "vae", "text_encoder", "clip"} -> (TrainState, frozen): the U-Net split
+    by :func:`trainable_patterns`; frozen = {"unet": the rest of the U-Net, "vae",
+    "text_encoder", "clip"} in ``config.frozen_dtype``.
 
     No copy is made: the state's trainable arrays are the arrays of ``params["unet"]``, and the
     jitted step donates them, so after the first step those entries of ``params`` are deleted.
@@ -244,8 +251,9 @@ def create_train_state(params: Mapping, config, optimizer: optax.GradientTransfo
               "text_encoder": params["text_encoder"], "clip": params["clip"]}
     frozen = cast_frozen(frozen, config.get("frozen_dtype", "float32"))
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
-                      opt_state=optimizer.init(trainable), rng=rng)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                       opt_state=optimizer.init(trainable), rng=rng)
+    return state, frozen
 
 
 def cast_frozen(frozen: Mapping, dtype_name: str) -> Any:
@@ -428,8 +436,8 @@ def latent_shape(models: GoalModels, batch: Mapping) -> tuple[int, ...]:
 def train_step(models: GoalModels, config, optimizer: optax.GradientTransformation,
                lr_schedule: optax.Schedule, state: TrainState, frozen: Mapping,
                batch: Mapping) -> tuple[TrainState, dict]:
-    """One GOAL step (pure; wrap with :func:`make_train_step`). ``state.frozen`` is ignored,
-    ``frozen`` is used instead and the returned state carries ``frozen=None``."""
+    """One GOAL step (pure; wrap with :func:`make_train_step`): ``state`` updated with the
+    gradients of the loss at ``frozen`` (:func:`create_train_state`), and the step metrics."""
     _check_batch(batch)
     rng, k_t, k_noise, k_post, k_cap, k_grd = jax.random.split(state.rng, 6)
     shape = latent_shape(models, batch)
@@ -459,8 +467,7 @@ def train_step(models: GoalModels, config, optimizer: optax.GradientTransformati
     accum = max(int(config.optimizer.grad_accum_steps), 1)
     metrics = dict(metrics, grad_norm=_global_norm(grads),
                    lr=jnp.asarray(lr_schedule(state.step // accum), jnp.float32))
-    new_state = TrainState(step=state.step + 1, params=params, frozen=None,
-                           opt_state=opt_state, rng=rng)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
 
 
@@ -471,34 +478,40 @@ def train_step(models: GoalModels, config, optimizer: optax.GradientTransformati
 
 def state_shardings(state: TrainState, mesh, mode: str = "replicated",
                     min_size: int = 2 ** 14) -> TrainState:
-    """NamedShardings for a TrainState (frozen included) under :mod:`goal_jax.sharding`."""
+    """NamedShardings for a TrainState under :mod:`goal_jax.sharding`: step and rng replicated,
+    params and optimizer state per ``mode``."""
     rep = sharding_lib.replicated(mesh)
     return TrainState(
         step=rep, rng=rep,
         params=sharding_lib.param_shardings(state.params, mesh, mode, min_size),
-        frozen=sharding_lib.param_shardings(state.frozen, mesh, mode, min_size)
-        if state.frozen is not None else None,
         opt_state=sharding_lib.param_shardings(state.opt_state, mesh, mode, min_size))
 
 
-def shard_state(state: TrainState, mesh, mode: str = "replicated",
-                min_size: int = 2 ** 14) -> TrainState:
-    """Places the whole state (frozen included) on ``mesh``."""
-    return sharding_lib.shard_tree(state, state_shardings(state, mesh, mode, min_size))
+def frozen_shardings(frozen: Mapping, mesh, mode: str = "replicated",
+                     min_size: int = 2 ** 14) -> Any:
+    """NamedShardings for the frozen params: per ``mode``, as the trainable params."""
+    return sharding_lib.param_shardings(frozen, mesh, mode, min_size)
+
+
+def shard_state(state: TrainState, frozen: Mapping, mesh, mode: str = "replicated",
+                min_size: int = 2 ** 14) -> tuple[TrainState, Any]:
+    """Places the train state and the frozen params on ``mesh`` -> (state, frozen)."""
+    return (sharding_lib.shard_tree(state, state_shardings(state, mesh, mode, min_size)),
+            sharding_lib.shard_tree(frozen, frozen_shardings(frozen, mesh, mode, min_size)))
 
 
 def make_train_step(models: GoalModels, config, optimizer: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, mesh=None,
-                    example_state: TrainState | None = None,
+                    example_state: TrainState | None = None, example_frozen: Any = None,
                     batch_keys: Sequence[str] | None = None) -> Callable:
-    """Returns ``step(state, batch) -> (state, metrics)``: one jit-compiled function whose
-    train-state argument (step, params, opt_state, rng) is donated; the frozen params are a
-    separate, non-donated argument and are re-attached to the returned state unchanged.
+    """Returns ``step(state, frozen, batch) -> (state, metrics)``: one jit-compiled function
+    whose train state (step, params, opt_state, rng) is donated; ``frozen`` is read, never
+    donated and never returned.
 
-    With ``mesh`` (and ``example_state`` to read shapes from), the jit gets explicit
-    in/out shardings: batch over ('data', 'fsdp'), params and optimizer state replicated or
-    fsdp-sharded per ``config.sharding``. The batch must then be placed with
-    :func:`goal_jax.sharding.put_batch`.
+    With ``mesh`` (and ``example_state`` / ``example_frozen`` to read shapes from: arrays or
+    ShapeDtypeStructs), the jit gets explicit in/out shardings: batch over ('data', 'fsdp'),
+    params, optimizer state and frozen params replicated or fsdp-sharded per
+    ``config.sharding``. The batch must then be placed with :func:`goal_jax.sharding.put_batch`.
     """
 
     def fn(state, frozen, batch):
@@ -507,19 +520,20 @@ def make_train_step(models: GoalModels, config, optimizer: optax.GradientTransfo
     if mesh is None:
         jitted = jax.jit(fn, donate_argnums=(0,))
     else:
-        if example_state is None:
-            raise ValueError("make_train_step with a mesh needs example_state (for shapes)")
+        if example_state is None or example_frozen is None:
+            raise ValueError("make_train_step with a mesh needs example_state and "
+                             "example_frozen (for shapes)")
         mode = config.sharding.params
         min_size = config.sharding.fsdp_min_size
-        full = state_shardings(example_state, mesh, mode, min_size)
-        donated = full.replace(frozen=None)
+        state_sh = state_shardings(example_state, mesh, mode, min_size)
+        frozen_sh = frozen_shardings(example_frozen, mesh, mode, min_size)
         keys = tuple(batch_keys) if batch_keys is not None else BATCH_KEYS
         batch_sh = {k: sharding_lib.batch_sharding(mesh) for k in keys}
         rep = sharding_lib.replicated(mesh)
-        jitted = sharding_lib.jit_sharded(fn, in_shardings=(donated, full.frozen, batch_sh),
-                                          out_shardings=(donated, rep), donate_argnums=(0,))
+        jitted = sharding_lib.jit_sharded(fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                                          out_shardings=(state_sh, rep), donate_argnums=(0,))
 
-    def step(state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
+    def step(state: TrainState, frozen: Mapping, batch: Mapping) -> tuple[TrainState, dict]:
         masks, phrase_ids = batch.get("masks"), batch.get("phrase_input_ids")
         if isinstance(masks, np.ndarray):  # host batch: check the slots without a device copy
             check_box_slots(masks, encoded_box_slots(config, masks.shape[1]))
@@ -527,11 +541,9 @@ def make_train_step(models: GoalModels, config, optimizer: optax.GradientTransfo
                 check_phrase_tokens(phrase_ids, masks,
                                     encoded_phrase_tokens(config, phrase_ids.shape[-1]),
                                     phrase_eos_token_ids(models))
-        frozen = state.frozen
         # The mesh context lets the fused (Pallas) attention kernels run under shard_map.
         with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-            new_state, metrics = jitted(state.replace(frozen=None), frozen, dict(batch))
-        return new_state.replace(frozen=frozen), metrics
+            return jitted(state, frozen, dict(batch))
 
     step.jitted = jitted
     return step

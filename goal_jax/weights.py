@@ -31,6 +31,7 @@ and shape mismatches by name. Parameters are always float32 (compute dtype is a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -398,8 +399,9 @@ def save_unet(folder: str, unet, params: Params) -> None:
 
 
 @dataclasses.dataclass
-class GLIGENPipeline:
-    """The components of a diffusers GLIGEN (text-box) pipeline folder."""
+class GLIGENComponents:
+    """The components of a diffusers GLIGEN (text-box) pipeline folder (what
+    :func:`load_pipeline` returns; ``goal_jax.sampling.GLIGENPipeline`` samples with them)."""
 
     unet: Any
     unet_params: Any
@@ -413,9 +415,9 @@ class GLIGENPipeline:
 
 
 def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
-                  component_loader: Callable | None = None, **unet_options) -> GLIGENPipeline:
+                  component_loader: Callable | None = None, **unet_options) -> GLIGENComponents:
     """diffusers ``StableDiffusionGLIGENPipeline`` folder (``unet/ vae/ text_encoder/ tokenizer/
-    scheduler/``) -> :class:`GLIGENPipeline`.
+    scheduler/``) -> :class:`GLIGENComponents`.
 
     Each model folder may be in either form (safetensors or orbax ``params/``).
     ``component_loader(path, kind, dtype, **options) -> (module, params)`` replaces
@@ -433,7 +435,7 @@ def load_pipeline(path: str, dtype=jnp.float32, variant: str | None = None,
                                                  "text_encoder", dtype)
     tokenizer = text_lib.load_tokenizer(os.path.join(path, "tokenizer"))
     scheduler_config = read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
-    return GLIGENPipeline(unet, unet_params, vae, vae_params, text_encoder, text_params,
+    return GLIGENComponents(unet, unet_params, vae, vae_params, text_encoder, text_params,
                           tokenizer, scheduler_config, path)
 
 
@@ -507,6 +509,24 @@ def load_params(folder: str, shapes, source: str | None = None):
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _open_checkpoint(checkpoint: str):
+    """A goal_jax.checkpoints.CheckpointManager over an existing training checkpoint folder,
+    closed on exit; a missing folder, or a missing step asked of it (FileNotFoundError), is a
+    CheckpointError."""
+    from goal_jax import checkpoints
+
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
+    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
+    try:
+        yield manager
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e
+    finally:
+        manager.close()
+
+
 def load_trained_unet(checkpoint: str, base_params, step: int | None = None):
     """U-Net parameters of a GOAL training checkpoint, merged over the base U-Net's.
 
@@ -526,20 +546,10 @@ def load_trained_unet(checkpoint: str, base_params, step: int | None = None):
     Raises:
       CheckpointError: no such folder or step, names or shapes that differ, non-finite values.
     """
-    from goal_jax import checkpoints
-
-    if not os.path.isdir(checkpoint):
-        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
-    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
-    try:
-        try:
-            step = manager.resolve_step(step)
-        except FileNotFoundError as e:
-            raise CheckpointError(str(e)) from e
+    with _open_checkpoint(checkpoint) as manager:
+        step = manager.resolve_step(step)
         trained = manager.restore_params(step)
         metadata = manager.restore_metadata(step)
-    finally:
-        manager.close()
     base = traverse_util.flatten_dict(_unfreeze(base_params))
     flat = traverse_util.flatten_dict(_unfreeze(trained))
     unknown = sorted("/".join(k) for k in flat if k not in base)
@@ -561,18 +571,8 @@ def base_pipeline_of(checkpoint: str, step: int | None = None) -> str:
     ``pipeline_relative`` path taken from the checkpoint folder (right for a moved or copied
     workdir, e.g. the demo models inside it), else its absolute ``pipeline`` path. Raises
     CheckpointError when neither exists."""
-    from goal_jax import checkpoints
-
-    if not os.path.isdir(checkpoint):
-        raise CheckpointError(f"checkpoint folder not found: {checkpoint}")
-    manager = checkpoints.CheckpointManager(checkpoint, async_save=False)
-    try:
-        try:
-            meta = manager.restore_metadata(step)
-        except FileNotFoundError as e:
-            raise CheckpointError(str(e)) from e
-    finally:
-        manager.close()
+    with _open_checkpoint(checkpoint) as manager:
+        meta = manager.restore_metadata(step)
     candidates = []
     if meta.get("pipeline_relative"):
         candidates.append(os.path.normpath(os.path.join(os.path.abspath(checkpoint),

@@ -249,7 +249,7 @@ def load_generator(args):
     devices = jax.local_devices()  # this process's: each process makes its own images
     if args.num_devices is not None:
         devices = devices[:args.num_devices]
-    sampler = sampling.GroundedSampler(pipe, unet_params=unet_params, devices=devices)
+    sampler = sampling.GLIGENPipeline(pipe, unet_params=unet_params, devices=devices)
     height, width = sampler.image_size(options)
     gen = generate.SamplerGenerator(sampler, options, args.batch_size)
     settings = dict(options.to_dict(), height=height, width=width, dtype=args.dtype,

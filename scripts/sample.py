@@ -277,7 +277,7 @@ def check_arguments(args, items) -> tuple:
         weights.check_pipeline_folder(args.pretrained)
         scheduler_config = weights.read_config(os.path.join(args.pretrained, "scheduler"),
                                                "scheduler_config.json")
-        timesteps = schedule.make_sampler(options.sampler, scheduler_config, options.num_steps,
+        timesteps = schedule.make_scheduler(options.sampler, scheduler_config, options.num_steps,
                                           eta=options.eta).timesteps
         factor = _vae_factor(args.pretrained)
         for key in ("height", "width"):
@@ -309,7 +309,7 @@ def _vae_factor(pipeline: str) -> int:
 
 
 def load_sampler(args):
-    """(GroundedSampler, checkpoint info or None, batch size) from --pretrained, --checkpoint,
+    """(GLIGENPipeline, checkpoint info or None, batch size) from --pretrained, --checkpoint,
     --num_devices, --batch_size and --dtype; UsageError for a bad checkpoint or device count."""
     import jax
     import jax.numpy as jnp
@@ -339,7 +339,7 @@ def load_sampler(args):
     if batch_size != args.batch_size:
         print(f"batch size {args.batch_size} -> {batch_size} (a multiple of {len(devices)} "
               "devices)")
-    sampler = sampling.GroundedSampler(pipe, unet_params=unet_params, devices=devices)
+    sampler = sampling.GLIGENPipeline(pipe, unet_params=unet_params, devices=devices)
     return sampler, info, batch_size
 
 

@@ -19,7 +19,7 @@ folder = sys.argv[1]
 paths = demo_models.write_demo_models(folder, resolution=32)
 pipe = weights.load_pipeline(paths.pipeline)
 clip, clip_params = weights.load_clip(paths.clip)
-sampler = sampling.GroundedSampler(pipe)
+sampler = sampling.GLIGENPipeline(pipe)
 out = sampler.sample(["a red circle"], [layout.Layout(("a red circle",), ((0.1, 0.1, 0.6, 0.7),))],
                      [0], sampling.SampleOptions(num_steps=2, guidance_scale=2.0))
 assert out.images.dtype == np.uint8 and out.images.shape == (1, 32, 32, 3), out.images.shape

@@ -12,11 +12,16 @@
    after a restart, convert.py finds a moved workdir's pipeline (the bad-flag exit code:
    tests/test_configs.py; steps_per_sec once and no tf.data finalization error:
    tests/test_train_program.py).
+
+Each test fails on the main of the time the probe was run (docs/probe.md lists the failure
+lines): the observable fault is checked first, with built-in exception and warning types (the
+classes this fix added, e.g. SourceChangedError, are subclasses of them and are checked after).
 """
 
 import errno
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -56,7 +61,7 @@ def _sample_args(folder, out, *extra):
 
 def _train_state_checkpoint(folder, trainable, step=7):
     """A checkpoint as the training loop writes it: TrainState(params=trainable leaves)."""
-    state = train.TrainState(step=jnp.int32(step), params=trainable, frozen=None,
+    state = train.TrainState(step=jnp.int32(step), params=trainable,
                              opt_state=optax.adam(1e-3).init(trainable), rng=jax.random.key(1))
     manager = checkpoints.CheckpointManager(folder, async_save=False)
     manager.save(step, state, metadata={"pipeline": "/nowhere/pipeline"})
@@ -95,10 +100,11 @@ def test_dataset_build_is_keyed_by_its_source(shared, tmp_path):  # noqa: F811
     goal2k.build_goal2k(first, data_dir)  # same source: reused
     other = str(tmp_path / "b")
     shapes.write_shapes_dataset(other, 8, 64, seed=1)
-    with pytest.raises(goal2k.SourceChangedError,
+    with pytest.raises(ValueError,  # not the build of "a" reused for "b"
                        match=r"holds goal2k built from another folder \(.*a, fingerprint "
-                             r"[0-9a-f]{12}\); the source is now .*b \(fingerprint"):
+                             r"[0-9a-f]{12}\); the source is now .*b \(fingerprint") as raised:
         goal2k.build_goal2k(other, data_dir)
+    assert raised.type is goal2k.SourceChangedError
     with open(os.path.join(first, "annotations.jsonl"), "a", encoding="utf-8") as f:
         f.write("\n")  # any content change
     with pytest.raises(goal2k.SourceChangedError, match="this folder before its content "
@@ -136,22 +142,26 @@ def test_failed_save_stops_training_at_once(shared, tmp_path, monkeypatch):  # n
     monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", disk_full_at_step_4)
     workdir = new_workdir(shared, tmp_path, "diskfull")
     config = make_config(shared, **{"train.steps": 12, "checkpoint.every_steps": 4})
-    with pytest.raises(loop.CheckpointSaveError,
-                       match=r"saving checkpoint step 4 in .* failed: .*No space left"):
+    with pytest.raises(Exception) as raised:  # its type and message are checked below
         loop.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f]
     assert 4 <= max(logged) < 8, logged  # stopped before the next save, not at it
+    assert raised.type is loop.CheckpointSaveError, raised.value
+    assert re.search(r"saving checkpoint step 4 in .* failed: .*No space left",
+                     str(raised.value)), raised.value
 
 
 def test_unwritable_checkpoint_folder_fails_before_training(shared, tmp_path):  # noqa: F811
     workdir = new_workdir(shared, tmp_path, "unwritable")
     with open(os.path.join(workdir, "checkpoints"), "w") as f:  # a file where the folder goes
         f.write("not a folder")
-    with pytest.raises(loop.CheckpointSaveError, match=r"checkpoint folder .*checkpoints is "
-                                                       r"not writable"):
+    with pytest.raises(Exception) as raised:  # its type and message are checked below
         loop.train_and_evaluate(make_config(shared), workdir)
-    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))  # no step was trained
+    assert raised.type is loop.CheckpointSaveError, raised.value
+    assert re.search(r"checkpoint folder .*checkpoints is not writable", str(raised.value)), \
+        raised.value
 
 
 # ---------------------------------------------------------------------------------- 4
@@ -162,7 +172,7 @@ def test_orbax_pipeline_folder_samples_and_evaluates(pipeline, tmp_path, sample_
 
     orbax_dir = str(tmp_path / "orbax")
     load_script("convert").to_orbax(pipeline, orbax_dir)
-    assert weights.is_orbax_folder(os.path.join(orbax_dir, "unet"))
+    assert os.path.isdir(os.path.join(orbax_dir, "unet", "params"))  # an orbax U-Net folder
     out = tmp_path / "out"
     assert sample_main(_sample_args(orbax_dir, out)) == 0
     assert (out / "sample.png").exists()
@@ -224,15 +234,15 @@ OPTIONS = sampling.SampleOptions(num_steps=STEPS, guidance_scale=7.5, beta=0.3)
 def test_sampler_refuses_non_finite_images(pipeline):
     pipe = weights.load_pipeline(pipeline)
     pipe.vae_params = jax.tree_util.tree_map(lambda x: x * np.nan, pipe.vae_params)
-    sampler = sampling.GroundedSampler(pipe, devices=jax.devices()[:2])
+    sampler = sampling.GLIGENPipeline(pipe, devices=jax.devices()[:2])
     from goal_jax.layout import Layout
 
-    with pytest.raises(sampling.NonFiniteSampleError, match=r"2 of 2 images hold NaN or "
-                                                            r"infinite values"):
+    with pytest.raises(ValueError, match=r"2 of 2 images hold NaN or infinite values") as raised:
         sampler.sample(["a red cat", "a dog"], [Layout(), Layout()], [0, 1], OPTIONS)
+    assert raised.type is sampling.NonFiniteSampleError
 
 
-def test_sampling_reads_the_trained_params_only(pipeline, tmp_path, monkeypatch):
+def test_sampling_reads_the_trained_params_only(pipeline, tmp_path, sample_main, monkeypatch):
     import orbax.checkpoint as ocp
 
     base = weights.load_pipeline(pipeline)
@@ -248,8 +258,13 @@ def test_sampling_reads_the_trained_params_only(pipeline, tmp_path, monkeypatch)
         return original(self, directory, *args, **kwargs)
 
     monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
+    out = tmp_path / "out"
+    assert sample_main(_sample_args(pipeline, out, "--checkpoint", ckpt)) == 0
+    assert read == [["params"]]  # scripts/sample.py never reads opt_state, step or rng
+    assert json.loads((out / "sample.json").read_text())["checkpoint_info"]["replaced"] == 1
+    read.clear()
     params, info = weights.load_trained_unet(ckpt, base.unet_params)
-    assert read == [["params"]]  # never opt_state, step or rng
+    assert read == [["params"]]
     assert info["replaced"] == 1 and info["metadata"]["pipeline"] == "/nowhere/pipeline"
     np.testing.assert_allclose(params["conv_out"]["bias"],
                                np.asarray(base.unet_params["conv_out"]["bias"]) + 1)
@@ -267,7 +282,10 @@ def test_sampling_reads_the_trained_params_only(pipeline, tmp_path, monkeypatch)
 def test_bad_sample_arguments_are_one_line(pipeline, tmp_path, sample_main, capsys, case,
                                            message):
     out, missing = tmp_path / "out", str(tmp_path / "missing")
-    factor = sample_script_module()._vae_factor(pipeline)
+    from goal_jax.models import vae as vae_lib
+
+    factor = vae_lib.AutoencoderKLConfig.from_dict(
+        weights.read_config(os.path.join(pipeline, "vae"))).downsample_factor
     height = 6 * factor + 1
     extra, folder = [], pipeline
     if case == "output_file":
@@ -289,12 +307,13 @@ def test_long_captions_and_phrases_warn_with_their_token_count(pipeline):
     from goal_jax.layout import Layout
 
     pipe = weights.load_pipeline(pipeline)
-    sampler = sampling.GroundedSampler(pipe, devices=jax.devices()[:2])
+    sampler = sampling.GLIGENPipeline(pipe, devices=jax.devices()[:2])
     words = " ".join(["red cat"] * 50)
-    with pytest.warns(sampling.TextTruncatedWarning) as record:
+    with pytest.warns(UserWarning, match="tokens") as record:
         sampler.sample([words, "a dog"], [Layout(("a dog " + words,), ((0.1, 0.1, 0.9, 0.9),)),
                                           Layout()], [0, 1], OPTIONS)
-    messages = [str(w.message) for w in record]
+    messages = [str(w.message) for w in record
+                if issubclass(w.category, sampling.TextTruncatedWarning)]
     assert len(messages) == 2
     assert any(m.startswith("caption 0 (") and "has 102 tokens" in m for m in messages)
     assert any(m.startswith("phrase 0 (") and "has 104 tokens" in m for m in messages)
@@ -324,15 +343,15 @@ def test_convert_finds_the_pipeline_of_a_moved_workdir(pipeline, tmp_path):
     ckpt = str(workdir / "checkpoints")
     base = weights.load_pipeline(pipeline)
     trainable = {"conv_out": {"bias": jnp.asarray(base.unet_params["conv_out"]["bias"]) + 2}}
-    state = train.TrainState(step=jnp.int32(3), params=trainable, frozen=None,
+    state = train.TrainState(step=jnp.int32(3), params=trainable,
                              opt_state=optax.adam(1e-3).init(trainable), rng=jax.random.key(1))
     manager = checkpoints.CheckpointManager(ckpt, async_save=False)
     manager.save(3, state, metadata={"pipeline": "/old/place/demo_models/pipeline",
                                      "pipeline_relative": "../demo_models/pipeline"})
     manager.close()
-    assert weights.base_pipeline_of(ckpt) == str(workdir / "demo_models" / "pipeline")
     info = load_script("convert").to_diffusers(None, str(tmp_path / "export"), ckpt)
     assert info["step"] == 3 and info["trained"] == 1
+    assert weights.base_pipeline_of(ckpt) == str(workdir / "demo_models" / "pipeline")
     exported = weights.load_component(str(tmp_path / "export" / "unet"), "unet")[1]
     np.testing.assert_allclose(exported["conv_out"]["bias"],
                                np.asarray(trainable["conv_out"]["bias"]), rtol=1e-6)

@@ -66,7 +66,7 @@ def test_jsonl_run_resume_and_outputs(folder, tmp_path, capsys):
     assert json.loads((out / "cats.json").read_text())["seed"] == 3
 
     # The PNGs hold exactly the sampler's uint8 images for the same seeds.
-    sampler = sampling.GroundedSampler(weights.load_pipeline(folder), devices=jax.devices()[:2])
+    sampler = sampling.GLIGENPipeline(weights.load_pipeline(folder), devices=jax.devices()[:2])
     options = sampling.SampleOptions(num_steps=STEPS, guidance_scale=7.5, beta=0.3)
     layouts = [Layout(it["phrases"], it["boxes"]) for it in ITEMS[:2]]
     expected = sampler.sample([it["caption"] for it in ITEMS[:2]], layouts, [3, 101], options)
@@ -171,7 +171,7 @@ def test_checkpoint_unet(folder, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     # What the training loop saves: a TrainState whose params are the trainable U-Net leaves.
     trainable = {"conv_out": {"bias": jnp.asarray(bias)}}
-    state = train.TrainState(step=jnp.int32(7), params=trainable, frozen=None,
+    state = train.TrainState(step=jnp.int32(7), params=trainable,
                              opt_state=optax.adam(1e-3).init(trainable),
                              rng=jax.random.key(1))
     manager = checkpoints.CheckpointManager(ckpt, async_save=False)

@@ -1,4 +1,4 @@
-"""Grounded sampler: parity with diffusers' StableDiffusionGLIGENPipeline on tiny random
+"""sampling.GLIGENPipeline: parity with diffusers' StableDiffusionGLIGENPipeline on tiny random
 components, seeds, compile-once, sharding."""
 
 import jax
@@ -75,7 +75,7 @@ def tiny(tmp_path_factory, tokenizer_dir):
     folder, torch_pipe = tiny_pipeline(tmp_path_factory, tokenizer_dir)
     pipe = weights.load_pipeline(folder)
     # Two devices: the batch axis is sharded (one item per device).
-    sampler = sampling.GroundedSampler(pipe, devices=jax.devices()[:2])
+    sampler = sampling.GLIGENPipeline(pipe, devices=jax.devices()[:2])
     return torch_pipe, sampler
 
 
@@ -143,7 +143,7 @@ def test_seeds(tiny):
 
 def test_sharded_equals_single_device(tiny):
     _, sampler = tiny  # batch axis sharded over 2 devices
-    single = sampling.GroundedSampler(sampler.pipeline, devices=jax.devices()[:1])
+    single = sampling.GLIGENPipeline(sampler.components, devices=jax.devices()[:1])
     options = sampling.SampleOptions(num_steps=STEPS, guidance_scale=7.5, beta=0.3)
     sharded = sampler.sample(CAPTIONS, LAYOUTS, [21, 22], options).images_float
     one = single.sample(CAPTIONS, LAYOUTS, [21, 22], options).images_float

@@ -131,7 +131,7 @@ def _diffusers_trajectory(name, config, steps, eta, x, fixed, noises):
 @pytest.mark.parametrize("name,overrides,steps,eta", SAMPLER_CASES)
 def test_sampler_matches_diffusers(name, overrides, steps, eta):
     config = SD_CONFIG | overrides
-    sampler = schedule.make_sampler(name, config, steps, eta=eta)
+    sampler = schedule.make_scheduler(name, config, steps, eta=eta)
     rng = np.random.default_rng(steps)
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)  # NCHW for torch
     fixed = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -166,13 +166,13 @@ def test_sampler_matches_diffusers(name, overrides, steps, eta):
 
 
 def test_sd_pndm_has_one_extra_call():
-    sampler = schedule.make_sampler("pndm", SD_CONFIG, 50)
+    sampler = schedule.make_scheduler("pndm", SD_CONFIG, 50)
     assert sampler.num_steps == 51
     assert sampler.timesteps[:4].tolist() == [981, 961, 961, 941] and sampler.timesteps[-1] == 1
 
 
 def test_ddim_rng_noise_and_missing_noise():
-    sampler = schedule.make_sampler("ddim", SD_CONFIG, 10, eta=1.0)
+    sampler = schedule.make_scheduler("ddim", SD_CONFIG, 10, eta=1.0)
     latents = jnp.ones((1, 4, 4, 4))
     eps = jnp.zeros_like(latents)
     key = jax.random.PRNGKey(3)
@@ -184,7 +184,7 @@ def test_ddim_rng_noise_and_missing_noise():
 
 
 def test_jitted_loop_compiles_once():
-    sampler = schedule.make_sampler("dpm++2m", SD_CONFIG, 10)
+    sampler = schedule.make_scheduler("dpm++2m", SD_CONFIG, 10)
     traces = []
 
     @jax.jit
@@ -210,17 +210,17 @@ def test_jitted_loop_compiles_once():
     (lambda: schedule.DDPMSchedule.from_config({"beta_start": "small"}), "`beta_start` must be a number"),
     (lambda: schedule.DDPMSchedule.from_config({"trained_betas": [0.1, 0.2]}), "`trained_betas` must be 1000 values"),
     (lambda: schedule.DDPMSchedule.from_config({"rescale_betas_zero_snr": True}), "`rescale_betas_zero_snr` = True is not supported"),
-    (lambda: schedule.make_sampler("euler", SD_CONFIG, 10), "sampler name must be one of"),
-    (lambda: schedule.make_sampler("ddim", SD_CONFIG | {"timestep_spacing": "even"}, 10), "`timestep_spacing` must be one of"),
-    (lambda: schedule.make_sampler("ddim", SD_CONFIG, 0), "num_inference_steps must be an integer in [1, 1000]"),
-    (lambda: schedule.make_sampler("ddim", SD_CONFIG | {"clip_sample": "no"}, 10), "`clip_sample` must be true or false"),
-    (lambda: schedule.make_sampler("ddim", SD_CONFIG | {"steps_offset": 1000}, 10), "`steps_offset` = 1000 puts timesteps outside"),
-    (lambda: schedule.make_sampler("dpm++2m", SD_CONFIG | {"algorithm_type": "sde-dpmsolver++"}, 10), "`algorithm_type` must be one of ['dpmsolver++']"),
-    (lambda: schedule.make_sampler("dpm++2m", SD_CONFIG | {"use_karras_sigmas": True}, 10), "`use_karras_sigmas` = True is not supported"),
-    (lambda: schedule.make_sampler("dpm++2m", SD_CONFIG | {"solver_order": 4}, 10), "`solver_order` must be one of"),
-    (lambda: schedule.make_sampler("pndm", SD_CONFIG, 10, eta=0.5), "eta is a DDIM option"),
-    (lambda: schedule.make_sampler("pndm", SD_CONFIG | {"prediction_type": "sample"}, 10), "`prediction_type` must be 'epsilon' or 'v_prediction' for PNDM"),
-    (lambda: schedule.make_sampler("pndm", SD_CONFIG | {"skip_prk_steps": 1}, 10), "`skip_prk_steps` must be true or false"),
+    (lambda: schedule.make_scheduler("euler", SD_CONFIG, 10), "sampler name must be one of"),
+    (lambda: schedule.make_scheduler("ddim", SD_CONFIG | {"timestep_spacing": "even"}, 10), "`timestep_spacing` must be one of"),
+    (lambda: schedule.make_scheduler("ddim", SD_CONFIG, 0), "num_inference_steps must be an integer in [1, 1000]"),
+    (lambda: schedule.make_scheduler("ddim", SD_CONFIG | {"clip_sample": "no"}, 10), "`clip_sample` must be true or false"),
+    (lambda: schedule.make_scheduler("ddim", SD_CONFIG | {"steps_offset": 1000}, 10), "`steps_offset` = 1000 puts timesteps outside"),
+    (lambda: schedule.make_scheduler("dpm++2m", SD_CONFIG | {"algorithm_type": "sde-dpmsolver++"}, 10), "`algorithm_type` must be one of ['dpmsolver++']"),
+    (lambda: schedule.make_scheduler("dpm++2m", SD_CONFIG | {"use_karras_sigmas": True}, 10), "`use_karras_sigmas` = True is not supported"),
+    (lambda: schedule.make_scheduler("dpm++2m", SD_CONFIG | {"solver_order": 4}, 10), "`solver_order` must be one of"),
+    (lambda: schedule.make_scheduler("pndm", SD_CONFIG, 10, eta=0.5), "eta is a DDIM option"),
+    (lambda: schedule.make_scheduler("pndm", SD_CONFIG | {"prediction_type": "sample"}, 10), "`prediction_type` must be 'epsilon' or 'v_prediction' for PNDM"),
+    (lambda: schedule.make_scheduler("pndm", SD_CONFIG | {"skip_prk_steps": 1}, 10), "`skip_prk_steps` must be true or false"),
 ])
 def test_bad_config_errors(maker, message):
     with pytest.raises(ValueError) as info:

@@ -2,6 +2,8 @@
 data-parallel (mesh 8x1) and fsdp (mesh 2x4, parameters split over 'fsdp') equal the
 single-device step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,16 +54,17 @@ def setup(tmp_path_factory, tokenizer_dir):
     cfg = train.default_train_config()
     cfg.caption_dropout = 0.25  # exercise the dropout draws under sharding too
     opt, lr_schedule = train.make_optimizer(cfg)
-    state = train.create_train_state(jax.tree_util.tree_map(jnp.copy, params), cfg, opt,
-                                     jax.random.PRNGKey(7))
+    state, frozen = train.create_train_state(jax.tree_util.tree_map(jnp.copy, params), cfg, opt,
+                                             jax.random.PRNGKey(7))
     state = state.replace(params=jax.tree_util.tree_map(np.array, state.params))  # host copy
     step = train.make_train_step(models, cfg, opt, lr_schedule)
     single, metrics = state, []
     for _ in range(STEPS):
-        single, m = step(single, {k: jnp.asarray(v) for k, v in batch.items()})
+        single, m = step(single, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
         metrics.append({k: float(v) for k, v in m.items()})
     return dict(models=models, params=params, batch=batch, cfg=cfg, opt=opt,
-                lr_schedule=lr_schedule, single=single, metrics=metrics, initial=state)
+                lr_schedule=lr_schedule, single=single, frozen=frozen, metrics=metrics,
+                initial=state)
 
 
 def _sharded_run(s, data, fsdp, mode, min_size):
@@ -70,18 +73,18 @@ def _sharded_run(s, data, fsdp, mode, min_size):
     cfg.sharding.fsdp_min_size = min_size
     mesh = sharding.create_mesh(data=data, fsdp=fsdp)
     params = jax.tree_util.tree_map(jnp.copy, s["params"])  # the step donates the state
-    state = train.create_train_state(params, cfg, s["opt"], jax.random.PRNGKey(7))
-    state = train.shard_state(state, mesh, mode, min_size)
+    state, frozen = train.create_train_state(params, cfg, s["opt"], jax.random.PRNGKey(7))
+    state, frozen = train.shard_state(state, frozen, mesh, mode, min_size)
     step = train.make_train_step(s["models"], cfg, s["opt"], s["lr_schedule"], mesh=mesh,
-                                 example_state=state)
+                                 example_state=state, example_frozen=frozen)
     metrics = []
     for _ in range(STEPS):
-        state, m = step(state, sharding.put_batch(s["batch"], mesh))
+        state, m = step(state, frozen, sharding.put_batch(s["batch"], mesh))
         metrics.append({k: float(v) for k, v in m.items()})
-    return state, metrics
+    return state, frozen, metrics
 
 
-def _assert_equal(s, state, metrics, capsys, name):
+def _assert_equal(s, state, frozen, metrics, capsys, name):
     worst_param = 0.0
     for a, b in zip(jax.tree_util.tree_leaves(s["single"].params),
                     jax.tree_util.tree_leaves(state.params)):
@@ -94,33 +97,33 @@ def _assert_equal(s, state, metrics, capsys, name):
         print(f"\n[{name}] max |param diff| {worst_param:.2e}, max metric rel diff "
               f"{worst_metric:.2e}")
     assert worst_param <= TOL and worst_metric <= TOL
-    for a, b in zip(jax.tree_util.tree_leaves(s["single"].frozen),
-                    jax.tree_util.tree_leaves(state.frozen)):
+    for a, b in zip(jax.tree_util.tree_leaves(s["frozen"]), jax.tree_util.tree_leaves(frozen)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(state.step) == STEPS
 
 
 def test_data_parallel_step_equals_single_device(setup, capsys):
-    state, metrics = _sharded_run(setup, 8, 1, "replicated", 2 ** 14)
-    leaf = jax.tree_util.tree_leaves(state.params)[0]
-    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
-    _assert_equal(setup, state, metrics, capsys, "data-parallel 8x1")
+    state, frozen, metrics = _sharded_run(setup, 8, 1, "replicated", 2 ** 14)
+    for leaf in (jax.tree_util.tree_leaves(state.params)[0], jax.tree_util.tree_leaves(frozen)[0]):
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+    _assert_equal(setup, state, frozen, metrics, capsys, "data-parallel 8x1")
 
 
 def test_fsdp_step_equals_single_device(setup, capsys):
-    state, metrics = _sharded_run(setup, 2, 4, "fsdp", 256)
+    state, frozen, metrics = _sharded_run(setup, 2, 4, "fsdp", 256)
     specs = [x.sharding.spec for x in jax.tree_util.tree_leaves(state.params)]
     assert any("fsdp" in tuple(sp) for sp in specs)  # parameters really are split
     opt_specs = [x.sharding.spec for x in jax.tree_util.tree_leaves(state.opt_state)]
     assert any("fsdp" in tuple(sp) for sp in opt_specs)
-    frozen_specs = [x.sharding.spec for x in jax.tree_util.tree_leaves(state.frozen)]
+    frozen_specs = [x.sharding.spec for x in jax.tree_util.tree_leaves(frozen)]
     assert any("fsdp" in tuple(sp) for sp in frozen_specs)
-    _assert_equal(setup, state, metrics, capsys, "fsdp 2x4")
+    _assert_equal(setup, state, frozen, metrics, capsys, "fsdp 2x4")
 
 
 def test_single_device_steps_update_only_trainable(setup):
-    """After STEPS jitted steps: frozen parameters bit-identical, every trainable tensor moved,
-    optimizer state only over the trainable parameters, metrics finite."""
+    """After STEPS jitted steps: the frozen parameters (the step's non-donated second argument)
+    still alive and bit-identical, no frozen array in the train state, every trainable tensor
+    moved, optimizer state only over the trainable parameters, metrics finite."""
     params, single = setup["params"], setup["single"]
     assert int(single.step) == STEPS
     frozen_unet = train.partition_params(params["unet"], train.PAPER_TRAINABLE)[1]
@@ -128,8 +131,10 @@ def test_single_device_steps_update_only_trainable(setup):
               "clip": params["clip"]}
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a),
                                                                    np.asarray(b))),
-                                  before, single.frozen)
+                                  before, setup["frozen"])
     assert all(jax.tree_util.tree_leaves(same))
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(setup["frozen"]))
+    assert [f.name for f in dataclasses.fields(single)] == ["step", "params", "opt_state", "rng"]
     moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                                    setup["initial"].params, single.params)
     assert all(jax.tree_util.tree_leaves(moved))

@@ -106,16 +106,16 @@ def test_frozen_weights_stored_in_bf16():
     }
     opt, _ = train.make_optimizer(cfg)
     cfg.frozen_dtype = "bfloat16"
-    state = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
-    leaves = jax.tree_util.tree_leaves(state.frozen)
+    state, frozen = train.create_train_state(params, cfg, opt, jax.random.PRNGKey(0))
+    leaves = jax.tree_util.tree_leaves(frozen)
     assert {str(x.dtype) for x in leaves} == {"bfloat16", "int32"}
-    ff = state.frozen["unet"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["ff"]
+    ff = frozen["unet"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["ff"]
     np.testing.assert_array_equal(ff["net_2"]["kernel"],
                                   jnp.full((4, 4), 1 / 3).astype(jnp.bfloat16))
     # trainable weights and AdamW state stay float32
     assert {str(x.dtype) for x in jax.tree_util.tree_leaves(state.params)} == {"float32"}
     # abstract trees (jax.eval_shape) are cast too: what benchmarks/tpu_aot.py compiles
-    abstract = jax.eval_shape(lambda p: train.create_train_state(p, cfg, opt).frozen, params)
+    abstract = jax.eval_shape(lambda p: train.create_train_state(p, cfg, opt)[1], params)
     assert abstract["vae"]["conv_in"]["kernel"].dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="config.frozen_dtype must be one of"):
         train.cast_frozen(params, "float8")

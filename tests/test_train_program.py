@@ -98,14 +98,13 @@ def test_demo_trains_resumes_exactly_and_stops_on_nan(shared, tmp_path, monkeypa
     assert steps == [2, 4, 6]
     assert int(tree["step"]) == 6 and meta["reason"] == "final"
     assert meta["pipeline"].endswith(os.path.join("demo_models", "pipeline"))
-    with open(os.path.join(straight, "metrics.jsonl")) as f:
-        logged = [json.loads(line) for line in f]
-    assert [row["step"] for row in logged] == [1, 2, 3, 4, 5, 6]
+    logged = metrics_jsonl(straight)
+    # Checked together at the end: each step once in metrics.jsonl, each scalar once per log
+    # step in TensorBoard (clu's ReportProgress writes no steps_per_sec of its own).
+    once = {"metrics.jsonl": [row["step"] for row in logged],
+            "steps_per_sec": tensorboard_tag_steps(straight, "steps_per_sec")}
     assert logged[5]["total"] == result.history[6]["total"]
     assert all(row["examples_per_sec"] > 0 for row in logged)
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(straight))
-    # each scalar once per log step in TensorBoard (clu's ReportProgress writes none of its own)
-    assert tensorboard_tag_steps(straight, "steps_per_sec") == [1, 2, 3, 4, 5, 6]
 
     # ---- 3 steps, then a fresh call with a fresh config: 3 more steps.
     resumed = new_workdir(shared, tmp_path, "resumed")
@@ -152,6 +151,21 @@ def test_demo_trains_resumes_exactly_and_stops_on_nan(shared, tmp_path, monkeypa
         loop.train_and_evaluate(make_config(shared, **{"train.steps": 10}), straight)
     _, meta, steps = stored_state(straight, None)
     assert steps == [2, 4, 6] and meta["step"] == 6
+
+    # ---- the restart from checkpoint 6 with clean data trains on; step 7, logged by the
+    # stopped run, is in metrics.jsonl once.
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", original)
+    after = loop.train_and_evaluate(make_config(shared, **{"train.steps": 10}), straight)
+    assert sorted(after.history) == [7, 8, 9, 10]
+    assert all(np.isfinite(m["total"]) for m in after.history.values())
+    once["metrics.jsonl after the restart"] = [row["step"] for row in metrics_jsonl(straight)]
+    assert once == {"metrics.jsonl": [1, 2, 3, 4, 5, 6], "steps_per_sec": [1, 2, 3, 4, 5, 6],
+                    "metrics.jsonl after the restart": list(range(1, 11))}
+
+
+def metrics_jsonl(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def tensorboard_images(workdir):

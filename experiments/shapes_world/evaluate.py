@@ -1,7 +1,7 @@
 """Sampling every run on the evaluation layouts and scoring it (oracle + world CLIP).
 
 One :class:`Evaluator` per experiment process: the base pipeline, one
-``goal_jax.sampling.GroundedSampler`` (compiled once; each run only swaps the U-Net weights,
+``goal_jax.sampling.GLIGENPipeline`` (compiled once; each run only swaps the U-Net weights,
 read from its training checkpoint as ``scripts/sample.py --checkpoint`` does), the oracle and
 the world CLIP.
 
@@ -51,7 +51,7 @@ class Evaluator:
 
         self.items = list(items)
         self.pipe = weights.load_pipeline(pipeline_dir)
-        self.sampler = sampling.GroundedSampler(self.pipe, devices=jax.devices()[:1],
+        self.sampler = sampling.GLIGENPipeline(self.pipe, devices=jax.devices()[:1],
                                                 max_boxes=max_boxes)
         self.options = sampling.SampleOptions(sampler="ddim", num_steps=num_steps,
                                               guidance_scale=guidance_scale, beta=beta)

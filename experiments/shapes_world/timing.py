@@ -50,7 +50,7 @@ def time_train(overrides: dict, steps: int) -> dict:
     t, d = config.train, config.data
     models, params = train_lib.load_models(t)
     optimizer, schedule = train_lib.make_optimizer(t)
-    state = train_lib.create_train_state(params, t, optimizer)
+    state, frozen = train_lib.create_train_state(params, t, optimizer)
     step = train_lib.make_train_step(models, t, optimizer, schedule)
     it = data_pipeline.make_train_iterator(
         d.data_dir, f"{t.model.pipeline}/tokenizer", batch_size=t.per_device_batch_size,
@@ -60,11 +60,11 @@ def time_train(overrides: dict, steps: int) -> dict:
     finally:
         it.close()
     with Clock() as first:
-        state, metrics = step(state, batches[0])
+        state, metrics = step(state, frozen, batches[0])
         jax.block_until_ready(metrics)
     with Clock() as run:
         for b in batches[1:]:
-            state, metrics = step(state, b)
+            state, metrics = step(state, frozen, b)
         jax.block_until_ready(metrics)
     return {"compile_and_first_step": {"wall": first.wall, "cpu": first.cpu},
             "step": {"wall": run.wall / steps, "cpu": run.cpu / steps},

@@ -3,7 +3,7 @@
 A generator is any callable ``(caption: str, layout: Layout, seed: int) -> uint8 [H, W, 3]``.
 When it also has ``generate_batch(captions, layouts, seeds) -> uint8 [B, H, W, 3]`` and a
 ``batch_size`` attribute, :func:`render` calls it in batches (one compiled program for the
-whole run). :class:`SamplerGenerator` wraps ``goal_jax.sampling.GroundedSampler``.
+whole run). :class:`SamplerGenerator` wraps ``goal_jax.sampling.GLIGENPipeline``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ Generator = Callable[[str, layout_lib.Layout, int], np.ndarray]
 
 
 class SamplerGenerator:
-    """The grounded sampler as a generator hook.
+    """The GLIGEN pipeline as a generator hook.
 
     Args:
-      sampler: ``goal_jax.sampling.GroundedSampler``.
+      sampler: ``goal_jax.sampling.GLIGENPipeline``.
       options: ``goal_jax.sampling.SampleOptions``.
       batch_size: items per sampler call (default: the sampler's device count); the last
         batch is filled with copies so every call has the same shape (one compile).

@@ -1,7 +1,7 @@
 """Sampling and scoring the world: held-out layouts, the oracle, and picture grids.
 
 * :func:`heldout_items` picks layouts from a rendered held-out split (disjoint from training).
-* :func:`sample_items` samples them with a GLIGEN pipeline (goal_jax.sampling.GroundedSampler).
+* :func:`sample_items` samples them with a GLIGEN pipeline (goal_jax.sampling.GLIGENPipeline).
 * :func:`score` scores images with the world oracle (goal_jax.evaluation.oracle), which reads
   pixels only (no CLIP), so it cannot be fooled by what DSAlign optimises.
 * :func:`layout_grid` draws rows of images (one row per model) with boxes and phrases.
@@ -66,7 +66,7 @@ def sample_items(pipeline, items: Sequence[dict], unet_params=None, num_steps: i
     """uint8 [len(items), H, W, 3] samples of ``items`` (each with its own ``seed``)."""
     from goal_jax import sampling
 
-    sampler = sampling.GroundedSampler(pipeline, unet_params=unet_params, max_boxes=max_boxes)
+    sampler = sampling.GLIGENPipeline(pipeline, unet_params=unet_params, max_boxes=max_boxes)
     options = sampling.SampleOptions(sampler="ddim", num_steps=num_steps,
                                      guidance_scale=guidance_scale, beta=beta)
     images = []
