@@ -53,18 +53,33 @@ def folder_size(folder: str) -> int:
                for f in files)
 
 
+def _render_splits(config, workdir: str, timings: dict, log):
+    """(train, heldout) WorldSplits, rendered under ``<workdir>/data`` unless already there."""
+    t0 = time.time()
+    splits = tuple(data.WorldSplit(data.render_split(
+        os.path.join(workdir, "data", name), name, n, config.seed, config.data.resolution, log))
+        for name, n in (("train", config.data.train_items),
+                        ("heldout", config.data.heldout_items)))
+    timings["data_s"] = time.time() - t0
+    return splits
+
+
+def _latents_and_texts(config, workdir: str, vae, vae_params, tokenizer, train_split,
+                       timings: dict, log):
+    """The cached training latents and the tokenized captions / phrases (unet_stage)."""
+    t = time.time()
+    latents = unet_stage.encode_latents(vae, vae_params, train_split,
+                                        os.path.join(workdir, "latents.npy"), log)
+    cache = unet_stage.TextCache(tokenizer, train_split, config.data.max_boxes)
+    timings["latents_s"] = time.time() - t
+    return latents, cache
+
+
 def run(config, workdir: str, out: str, command: str = "", log=print) -> dict:
     """Runs (or resumes) the whole recipe; returns the world.json record."""
     os.makedirs(workdir, exist_ok=True)
     timings = {}
-    t0 = time.time()
-    train_split = data.WorldSplit(data.render_split(
-        os.path.join(workdir, "data", "train"), "train", config.data.train_items, config.seed,
-        config.data.resolution, log))
-    heldout = data.WorldSplit(data.render_split(
-        os.path.join(workdir, "data", "heldout"), "heldout", config.data.heldout_items,
-        config.seed, config.data.resolution, log))
-    timings["data_s"] = time.time() - t0
+    train_split, heldout = _render_splits(config, workdir, timings, log)
 
     tok_dir = os.path.join(workdir, "tokenizer")
     text_lib.write_word_vocab(tok_dir, shapes.VOCABULARY)
@@ -85,11 +100,8 @@ def run(config, workdir: str, out: str, command: str = "", log=print) -> dict:
     text_params = {"text_model": clip_params["text_model"]}
 
     vae, vae_params = weights.load_vae(os.path.join(workdir, "vae"))
-    t = time.time()
-    latents = unet_stage.encode_latents(vae, vae_params, train_split,
-                                        os.path.join(workdir, "latents.npy"), log)
-    cache = unet_stage.TextCache(tokenizer, train_split, config.data.max_boxes)
-    timings["latents_s"] = time.time() - t
+    latents, cache = _latents_and_texts(config, workdir, vae, vae_params, tokenizer,
+                                        train_split, timings, log)
 
     unet = unet_stage.build(config, text_config["hidden_size"])
     unet_params = models.init_params(unet, config.seed + 3)
@@ -160,14 +172,7 @@ def run_gligen_stage(config, workdir: str, out: str, base: str, command: str = "
                              "the GLIGEN stage can only be rerun on the same data and models")
     os.makedirs(workdir, exist_ok=True)
     timings = {}
-    t0 = time.time()
-    train_split = data.WorldSplit(data.render_split(
-        os.path.join(workdir, "data", "train"), "train", config.data.train_items, config.seed,
-        config.data.resolution, log))
-    heldout = data.WorldSplit(data.render_split(
-        os.path.join(workdir, "data", "heldout"), "heldout", config.data.heldout_items,
-        config.seed, config.data.resolution, log))
-    timings["data_s"] = time.time() - t0
+    train_split, heldout = _render_splits(config, workdir, timings, log)
     pipeline = os.path.join(base, "pipeline")
     for src, dst in ((os.path.join(pipeline, "tokenizer"), "tokenizer"),
                      (os.path.join(pipeline, "vae"), "vae"), (os.path.join(base, "clip"), "clip")):
@@ -178,11 +183,8 @@ def run_gligen_stage(config, workdir: str, out: str, base: str, command: str = "
                                                        "text_encoder")
     text_config = weights.read_config(os.path.join(pipeline, "text_encoder"))
     vae, vae_params = weights.load_vae(os.path.join(workdir, "vae"))
-    t = time.time()
-    latents = unet_stage.encode_latents(vae, vae_params, train_split,
-                                        os.path.join(workdir, "latents.npy"), log)
-    cache = unet_stage.TextCache(tokenizer, train_split, config.data.max_boxes)
-    timings["latents_s"] = time.time() - t
+    latents, cache = _latents_and_texts(config, workdir, vae, vae_params, tokenizer,
+                                        train_split, timings, log)
     unet = unet_stage.build(config, text_config["hidden_size"])
     _, base_unet_params = weights.load_component(os.path.join(pipeline, "unet"), "unet")
     unet_params = unet_stage.fresh_gligen(base_unet_params,
