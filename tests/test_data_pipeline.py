@@ -1,7 +1,10 @@
-"""tf.data input pipeline: fixed shapes, determinism, exact resume, flip semantics, sharding."""
+"""Streaming input pipeline (grain over goal2k's ArrayRecord files): fixed shapes, determinism,
+exact resume, flip semantics, per-process sharding, bounded reads, bad items named."""
 
 import json
 import os
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -145,15 +148,152 @@ def test_flip_swaps_left_right_and_crop_drops_boxes(tmp_path, tokenizer_dir):
     assert seen == {True, False}
 
 
-def test_host_sharding_is_disjoint_and_complete(shapes_data, tokenizer_dir):
-    parts = [pipeline.read_shard(shapes_data, "train", i, 2) for i in range(2)]
-    ids = [[e["id"] for e in p] for p in parts]
-    assert len(ids[0]) == len(ids[1]) == 9
-    assert not set(ids[0]) & set(ids[1])
-    assert sorted(ids[0] + ids[1]) == [f"shapes-train-{i:06d}" for i in range(18)]
+
+
+class CountingSource:
+    """A goal2k source that records which record indices were read (thread-safe)."""
+
+    def __init__(self, source):
+        self.source, self.reads, self._lock = source, [], threading.Lock()
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        with self._lock:
+            self.reads.append(int(index))
+        return self.source[index]
+
+
+def _iterator(source, tokenizer_dir, **kw):
+    args = dict(batch_size=4, resolution=32, max_boxes=6, seed=7, flip=True, random_crop=True,
+                shuffle=True, min_box_size=0.001, process_index=0, process_count=1, prefetch=2)
+    args.update(kw)
+    return pipeline.TrainIterator(source, text.load_tokenizer(tokenizer_dir), **args)
+
+
+def test_exact_resume_at_epoch_starts_and_far_positions(shapes_data, tokenizer_dir):
+    """Resuming anywhere (epoch start, mid-epoch, several epochs on) gives the batches of an
+    uninterrupted run; the number of prefetch threads does not change them."""
+    straight = _take(_make(shapes_data, tokenizer_dir, prefetch=0), 22)  # 5.5 epochs of 4
+    assert _equal(straight, _take(_make(shapes_data, tokenizer_dir, prefetch=3), 22))
+    for epoch, batch in ((1, 0), (2, 3), (5, 1)):
+        it = _make(shapes_data, tokenizer_dir)
+        it.set_state(dict(_make(shapes_data, tokenizer_dir).get_state(), epoch=epoch,
+                          batch=batch))
+        at = epoch * 4 + batch
+        assert _equal(_take(it, 22 - at), straight[at:]), (epoch, batch)
+    # each epoch reorders the items: the first batches of epochs 0 and 1 differ
+    assert not np.array_equal(straight[0]["input_ids"], straight[4]["input_ids"])
+
+
+def test_state_from_another_setup_or_pipeline_is_refused(shapes_data, tokenizer_dir):
+    it = _make(shapes_data, tokenizer_dir)
+    state = it.get_state()
+    assert state["pipeline"] == pipeline.PIPELINE and state["num_examples"] == 18
+    old = {k: v for k, v in state.items() if k != "pipeline"}  # the in-memory pipeline's state
+    with pytest.raises(ValueError, match="iterator state has pipeline=None, this iterator is "
+                       "'grain-1': the state was written by another input pipeline"):
+        it.set_state(old)
+    with pytest.raises(ValueError, match="iterator state has process_count=2 but this iterator "
+                       "has process_count=1"):
+        it.set_state(dict(state, process_count=2))
+    with pytest.raises(ValueError, match=r"epoch=0, batch=4 out of range \(4 batches per epoch\)"):
+        it.set_state(dict(state, batch=4))
+
+
+def test_process_shards_are_disjoint_and_cover_each_epoch(shapes_data, tokenizer_dir):
+    """process_count=3 simulated in one process: 18 items -> 6 per process, batch 3, so one
+    epoch is 2 batches per process; with prefetch 0 the source reads are exactly the items of
+    the batches returned."""
+    source = goal2k.data_source(shapes_data, "train")
+    ids = [source[i]["id"].decode() for i in range(len(source))]
+    epochs = []
+    for p in range(3):
+        counting = CountingSource(source)
+        it = _iterator(counting, tokenizer_dir, batch_size=3, process_index=p, process_count=3,
+                       prefetch=0)
+        assert it.batches_per_epoch == 2 and it.get_state()["num_examples"] == 6
+        _take(it, 2)
+        first = list(counting.reads)
+        _take(it, 2)
+        second = counting.reads[len(first):]
+        assert sorted(first) == sorted(second) == list(range(p, 18, 3))  # same shard each epoch
+        assert first != second  # in another order
+        epochs.append(first)
+    every = [i for reads in epochs for i in reads]
+    assert sorted(every) == list(range(18))  # disjoint, and together each item once
+    assert len({ids[i] for i in every}) == 18
+
+
+def test_reads_are_bounded_by_the_prefetch(shapes_data, tokenizer_dir):
+    """Nothing is read when the iterator is made; afterwards the source has been read for at
+    most (batches returned + prefetch) * batch_size items, never the whole shard ahead."""
+    counting = CountingSource(goal2k.data_source(shapes_data, "train"))
+    it = _iterator(counting, tokenizer_dir, prefetch=2)
+    assert counting.reads == []
+    for k in range(1, 10):
+        next(it)
+        assert k * 4 <= len(counting.reads) <= (k + 2) * 4, (k, len(counting.reads))
+    it.close()
+    fresh = CountingSource(counting.source)
+    it = _iterator(fresh, tokenizer_dir, prefetch=2)
+    it.set_state(dict(it.get_state(), epoch=40, batch=1))  # a jump reads nothing before it
+    next(it)
+    assert 4 <= len(fresh.reads) <= 3 * 4
+
+
+def test_annotation_chunks_cover_the_shard(shapes_data, tokenizer_dir):
     it = _make(shapes_data, tokenizer_dir, process_index=1, process_count=2)
-    assert len(it._data) == 9 and it.get_state()["process_index"] == 1
+    chunks = list(it.annotation_chunks(chunk_size=4))
+    assert [len(c[3]) for c in chunks] == [4, 4, 1]  # 9 items in shard 1 of 2
+    names = [n for c in chunks for n in c[3]]
+    assert names == [f"shapes-train-{i:06d}" for i in range(1, 18, 2)]
+    src = os.path.join(os.path.dirname(shapes_data), "src")
+    records = {r.id: r for r in fmt.read_annotations(os.path.join(src, fmt.ANNOTATIONS_FILE))[0]}
+    tok = text.load_tokenizer(tokenizer_dir)
+    masks, ids, id_masks, first = chunks[0]
+    assert masks.shape == (4, 6) and ids.shape == (4, 12, 77) and id_masks.shape == (4, 12)
+    for k, name in enumerate(first):
+        phrases = records[name].phrases
+        n = len(phrases)
+        assert masks[k].tolist() == [True] * n + [False] * (6 - n)
+        np.testing.assert_array_equal(ids[k, :n], text.tokenize(tok, phrases))  # plain texts
+        np.testing.assert_array_equal(ids[k, 6: 6 + n],  # the left/right swapped texts
+                                      text.tokenize(tok, [p.replace("left", "right") for p in
+                                                          phrases]))
+        np.testing.assert_array_equal(id_masks[k], np.tile(masks[k], 2))
+
+
+def test_bad_items_are_named(shapes_data, tokenizer_dir):
+    source = goal2k.data_source(shapes_data, "train")
+    good = [dict(source[i]) for i in range(8)]
+    broken = [dict(good[0], id=b"bad-image", image=b"not a png"), *good[1:4]]
+    it = _iterator(broken, tokenizer_dir, shuffle=False, prefetch=0)
+    with pytest.raises(ValueError, match="goal2k item 'bad-image' cannot be read: .*"):
+        next(it)
+    mismatched = [*good[:2], dict(good[2], id=b"two-phrases", phrases=[b"a", b"b"],
+                                  boxes=np.float32([[0, 0, 0.5, 0.5]])), good[3]]
+    it = _iterator(mismatched, tokenizer_dir, shuffle=False, prefetch=2)
+    with pytest.raises(ValueError, match="goal2k item 'two-phrases' cannot be read: goal2k "
+                       "item 'two-phrases': 2 phrases but 1 boxes"):
+        next(it)
+    with pytest.raises(ValueError, match="goal2k item 'two-phrases': 2 phrases but 1 boxes"):
+        list(_iterator(mismatched, tokenizer_dir).annotation_chunks())
+
+
+def test_missing_old_or_unsplit_dataset_says_how_to_rebuild(shapes_data, tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="no split 'val'"):
-        pipeline.read_shard(shapes_data, "val", 0, 1)
+        _make(shapes_data, tokenizer_dir, split="val")
     with pytest.raises(ValueError, match="no prepared goal2k dataset in /nonexistent"):
-        pipeline.read_shard("/nonexistent", "train", 0, 1)
+        _make("/nonexistent", tokenizer_dir)
+    # a data dir holding only a version 1.0.0 build (TFRecord files of the in-memory pipeline)
+    old = tmp_path / "goal2k" / "default" / "1.0.0"
+    shutil.copytree(os.path.join(shapes_data, "goal2k", "default", str(goal2k.Goal2k.VERSION)),
+                    old)
+    with pytest.raises(ValueError, match=rf"{tmp_path} holds goal2k version 1.0.0 only, in "
+                       rf"{old} \(built from .*src\): TFRecord files of the earlier in-memory "
+                       r"pipeline\. .* Rebuild it from its source folder with "
+                       r"goal2k.build_goal2k\(source_folder, data_dir\), or set config field "
+                       "data.source"):
+        _make(str(tmp_path), tokenizer_dir)

@@ -1,29 +1,38 @@
-"""The tf.data training input pipeline over a built goal2k dataset.
+"""The streaming training input pipeline: grain over the ArrayRecord files of a built goal2k.
 
-Order of operations, per host:
-  1. Host shard: ``tfds.even_splits(split, process_count)[process_index]`` (contiguous, equal
-     sizes +-1). The shard's encoded images (PNG bytes, not decoded) and annotations are read
-     into host memory once, and caption / phrases are tokenized once (both the original and the
-     left<->right swapped text, see step 4), so tokenization never runs per step.
-  2. Epoch order: a permutation of the shard from ``np.random.default_rng([seed, epoch,
-     process_index])`` (identity when ``shuffle=False``); the last ``n % batch_size`` items of
-     every epoch are skipped (drop_remainder, batches never straddle epochs). The same
-     generator draws, per position, the flip coin and the random-crop fractions.
-  3. Decode, resize the shorter side to ``resolution`` (bilinear, antialiased), crop a
+Nothing is read ahead of need: host memory holds the batches in flight (``prefetch`` of them),
+not the data set. Order of operations, per process (host):
+  1. Source: ``goal2k.data_source(data_dir, split)``, random access to the split's records
+     (``tfds`` ArrayRecord source; the image stays encoded until step 4).
+  2. Host shard: records ``process_index, process_index + P, ...`` (``P = process_count``;
+     grain ``ds[process_index::P]``): the shards are disjoint and together hold every record
+     once; their sizes differ by at most one.
+  3. Epoch order: grain's shuffle of the shard, a new permutation every epoch (seeded with
+     ``seed + epoch``); the shard order when ``shuffle=False``. The last ``n % batch_size``
+     positions of every epoch are skipped (drop_remainder: batches never straddle epochs).
+  4. Per item, at position ``index = epoch * n + p`` of the host's stream: a generator
+     ``np.random.default_rng([seed, process_index, index])`` draws the flip coin and the
+     random-crop fractions. The ``max_boxes`` largest boxes are kept (original order). Decode,
+     resize the shorter side to ``resolution`` (bilinear, antialiased), crop a
      ``resolution``² window (random or center), boxes transformed with it (boxes.py).
-  4. Optional horizontal flip (p = 0.5) of image and boxes; the caption and phrases of a
-     flipped item are the left<->right swapped texts, so "a cat to the left of a dog" stays
-     true. Only whole words "left"/"right" are swapped.
-  5. Boxes whose (clipped) normalized area is below ``min_box_size`` or with zero side are
+  5. Optional horizontal flip (p = 0.5) of image and boxes; a flipped item's caption and
+     phrases are the left<->right swapped texts, so "a cat to the left of a dog" stays true.
+     Only whole words "left"/"right" are swapped. Caption and phrases are tokenized per item.
+  6. Boxes whose (clipped) normalized area is below ``min_box_size`` or with zero side are
      dropped after cropping: box, mask and token mask zeroed, phrase ids set to the padding
      row (the tokenized empty string).
-  6. Batch (drop_remainder), prefetch; numpy batches.
+  7. Batch (drop_remainder), repeated without end; ``prefetch`` batches are computed ahead by
+     ``prefetch`` threads (grain ``ReadOptions``). So the source is read for at most
+     ``(batches returned + prefetch) * batch_size`` items.
 
-Resume: the iterator state is a deterministic (epoch, batch) counter, not a tf.data
-checkpoint: ``set_state`` rebuilds the generator at that epoch and position (items before it
-are skipped without decoding) and yields exactly the batch that would have come next. The
-state is a small JSON-able dict; it also records seed, batch size, shard size and the host to
-refuse a state from a different setup.
+A record that cannot be turned into an item (image that does not decode, phrases and boxes of
+different counts, no box) raises ValueError naming its id; nothing is skipped.
+
+Resume: every batch is a pure function of the setup and its position in the stream (grain's
+``next_index`` = ``epoch * batches_per_epoch + batch``), so ``set_state`` moves there without
+reading the items before it and yields exactly the batch that would have come next. The state
+is a small JSON-able dict; it also records seed, batch size, shard size and the host to refuse
+a state from a different setup.
 
 Batch (dict of numpy arrays, B = batch_size, N = max_boxes, H = W = resolution):
   images              float32 [B, H, W, 3] in [-1, 1]
@@ -38,11 +47,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+import threading
+from typing import Any, Iterator, Sequence
 
+import grain
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from goal_jax import text as text_lib
 from goal_jax.data import boxes as box_lib
@@ -50,10 +60,11 @@ from goal_jax.data import goal2k
 
 MAX_LENGTH = text_lib.MAX_LENGTH
 BATCH_KEYS = ("images", "input_ids", "phrase_input_ids", "boxes", "masks", "phrase_token_masks")
+PIPELINE = "grain-1"  # the state's "pipeline": the item order it belongs to
 
 
 def _hide_accelerators_from_tf() -> None:
-    """tf.data runs on the host CPU; keep TF off the GPUs/TPUs that JAX uses."""
+    """The TF image ops run on the host CPU; keep TF off the GPUs/TPUs that JAX uses."""
     try:
         tf.config.set_visible_devices([], "GPU")
         tf.config.set_visible_devices([], "TPU")
@@ -70,165 +81,62 @@ def _keep_largest(boxes: np.ndarray, max_boxes: int) -> np.ndarray:
     return np.sort(order)
 
 
-class ShardData:
-    """One host's items in memory: encoded images, boxes, tokenized texts (plain and flipped).
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    Attributes (M = number of items, N = max_boxes, V = 2 text variants: 0 plain, 1 swapped):
-      images: list[bytes]; boxes float32 [M, N, 4]; box_mask bool [M, N];
-      input_ids int32 [M, V, 77]; phrase_ids int32 [M, V, N, 77];
-      token_masks bool [M, V, N, 77]; empty_ids int32 [77] (the padding phrase row); ids list[str].
+
+def _annotations(record: dict, max_boxes: int) -> tuple[str, str, list[str], np.ndarray]:
+    """(id, caption, phrases [n], boxes float32 [n, 4]) of a record, the ``max_boxes`` largest
+    boxes kept (n <= max_boxes). Raises ValueError naming the item when phrases and boxes
+    disagree or there is no box."""
+    item_id = _text(record["id"])
+    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+    phrases = [_text(p) for p in record["phrases"]]
+    if len(phrases) != len(boxes):
+        raise ValueError(f"goal2k item {item_id!r}: {len(phrases)} phrases but "
+                         f"{len(boxes)} boxes")
+    if not len(boxes):
+        raise ValueError(f"goal2k item {item_id!r}: no box")
+    keep = _keep_largest(boxes, max_boxes)
+    return item_id, _text(record["caption"]), [phrases[i] for i in keep], boxes[keep]
+
+
+class ItemTransform:
+    """One record at one stream position -> one item of the batch (unbatched shapes).
+
+    ``item(index, record)``: ``record`` as ``goal2k.data_source`` returns it, ``index`` the
+    position in the host's stream (``epoch * n + p``). Thread-safe (grain calls it from its
+    prefetch threads): the tokenizer runs under a lock, the TF image ops do not need one.
     """
 
-    def __init__(self, examples: list[dict[str, Any]], tokenizer, max_boxes: int, flip: bool):
-        m = len(examples)
-        variants = 2 if flip else 1
-        self.ids = [e["id"] for e in examples]
-        self.images = [e["image"] for e in examples]
-        self.boxes = np.zeros((m, max_boxes, 4), np.float32)
-        self.box_mask = np.zeros((m, max_boxes), bool)
-        self.input_ids = np.zeros((m, variants, MAX_LENGTH), np.int32)
-        self.phrase_ids = np.zeros((m, variants, max_boxes, MAX_LENGTH), np.int32)
-        self.token_masks = np.zeros((m, variants, max_boxes, MAX_LENGTH), bool)
+    def __init__(self, tokenizer, *, resolution: int, max_boxes: int, seed: int, flip: bool,
+                 random_crop: bool, min_box_size: float, process_index: int):
+        self.tokenizer = tokenizer
+        self.resolution, self.max_boxes = resolution, max_boxes
+        self.seed, self.flip, self.random_crop = seed, flip, random_crop
+        self.min_box_size, self.process_index = float(min_box_size), process_index
+        self._lock = threading.Lock()
         self.empty_ids = text_lib.tokenize(tokenizer, [""])[0]
-        self.phrase_ids[:] = self.empty_ids
-        captions, phrase_lists = [], []
-        for k, e in enumerate(examples):
-            keep = _keep_largest(e["boxes"], max_boxes)
-            n = len(keep)
-            self.boxes[k, :n] = e["boxes"][keep]
-            self.box_mask[k, :n] = True
-            phrases = [e["phrases"][i] for i in keep]
-            captions.append(e["caption"])
-            phrase_lists.append(phrases)
-        for v in range(variants):
-            swap = box_lib.swap_left_right if v == 1 else (lambda s: s)
-            caps = [swap(c) for c in captions]
-            self.input_ids[:, v] = text_lib.tokenize(tokenizer, caps)
-            flat = [swap(p) for ps in phrase_lists for p in ps]
-            flat_ids = text_lib.tokenize(tokenizer, flat) if flat else np.zeros((0, MAX_LENGTH), np.int32)
-            at = 0
-            for k, ps in enumerate(phrase_lists):
-                ps = [swap(p) for p in ps]
-                self.phrase_ids[k, v, : len(ps)] = flat_ids[at: at + len(ps)]
-                at += len(ps)
-                spans = text_lib.phrase_token_spans(tokenizer, caps[k], ps)
-                self.token_masks[k, v] = text_lib.phrase_token_mask(spans, max_boxes)
+        self._augment = tf.function(self._augment_tf, input_signature=(
+            tf.TensorSpec((), tf.string), tf.TensorSpec((2,), tf.float32),
+            tf.TensorSpec((), tf.bool), tf.TensorSpec((max_boxes, 4), tf.float32),
+            tf.TensorSpec((max_boxes,), tf.bool)))
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def texts(self, caption: str, phrases: list[str], flipped: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids int32 [77], phrase ids int32 [N, 77] (padding rows = the empty string),
+        token masks bool [N, 77]) of the plain or the left/right swapped texts."""
+        if flipped:
+            caption = box_lib.swap_left_right(caption)
+            phrases = [box_lib.swap_left_right(p) for p in phrases]
+        phrase_ids = np.tile(self.empty_ids, (self.max_boxes, 1))
+        with self._lock:
+            ids = text_lib.tokenize(self.tokenizer, [caption, *phrases])
+            spans = text_lib.phrase_token_spans(self.tokenizer, caption, phrases)
+        phrase_ids[: len(phrases)] = ids[1:]
+        return ids[0], phrase_ids, text_lib.phrase_token_mask(spans, self.max_boxes)
 
-
-def read_shard(data_dir: str, split: str, process_index: int, process_count: int) -> list[dict[str, Any]]:
-    """Reads this host's contiguous share of a built goal2k split (images left encoded)."""
-    builder = goal2k.Goal2k(data_dir=os.path.expanduser(data_dir))
-    if not builder.is_prepared():
-        raise ValueError(f"no prepared goal2k dataset in {data_dir} (expected {builder.data_dir}); "
-                         "build it with goal2k.build_goal2k(source_folder, data_dir) or pass source_dir=")
-    if split not in builder.info.splits:
-        raise ValueError(f"goal2k dataset in {data_dir} has no split {split!r} "
-                         f"(it has {sorted(builder.info.splits)})")
-    shard = tfds.even_splits(split, n=process_count)[process_index]
-    ds = builder.as_dataset(split=shard, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-    out = []
-    for ex in tfds.as_numpy(ds):
-        out.append({
-            "id": ex["id"].decode(),
-            "image": bytes(ex["image"]),
-            "caption": ex["caption"].decode(),
-            "phrases": [p.decode() for p in ex["phrases"]],
-            "boxes": np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
-        })
-    return out
-
-
-class TrainIterator:
-    """Infinite iterator of fixed-shape numpy batches with an exact-resume state.
-
-    ``next(it)`` -> batch dict (module docstring). ``get_state()`` -> dict (JSON-able) naming
-    the next batch; ``set_state(state)`` (dict, or its JSON as str/bytes) continues from it.
-    """
-
-    def __init__(self, data: ShardData, *, batch_size: int, resolution: int, seed: int, flip: bool,
-                 random_crop: bool, shuffle: bool, min_box_size: float, process_index: int,
-                 process_count: int, prefetch: int = 2):
-        if len(data) < batch_size:
-            raise ValueError(f"host shard {process_index}/{process_count} has {len(data)} items, "
-                             f"fewer than batch_size={batch_size}")
-        self._data = data
-        self.batch_size = batch_size
-        self.resolution = resolution
-        self.seed = seed
-        self.flip = flip
-        self.random_crop = random_crop
-        self.shuffle = shuffle
-        self.min_box_size = float(min_box_size)
-        self.process_index = process_index
-        self.process_count = process_count
-        self.prefetch = prefetch
-        self.batches_per_epoch = len(data) // batch_size
-        self._epoch, self._batch = 0, 0
-        self._it: Iterator | None = None
-
-    def box_masks(self) -> tuple[np.ndarray, list[str]]:
-        """This host's box masks [M, N] (real boxes packed first, after keeping the
-        ``max_boxes`` largest) and the item ids."""
-        return self._data.box_mask, list(self._data.ids)
-
-    def phrase_token_ids(self) -> tuple[np.ndarray, np.ndarray]:
-        """This host's phrase token ids [M, V * N, 77] (the V text variants side by side, items
-        in the order of :meth:`box_masks`) and their box masks [M, V * N]."""
-        m, v, n, length = self._data.phrase_ids.shape
-        ids = self._data.phrase_ids.reshape(m, v * n, length)
-        return ids, np.tile(self._data.box_mask, (1, v))
-
-    # ---------------------------------------------------------------- state
-    def get_state(self) -> dict[str, Any]:
-        """{"epoch", "batch" (next batch within the epoch), and the setup it belongs to}."""
-        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed,
-                "batch_size": self.batch_size, "num_examples": len(self._data),
-                "process_index": self.process_index, "process_count": self.process_count,
-                "flip": self.flip, "random_crop": self.random_crop, "shuffle": self.shuffle}
-
-    def set_state(self, state: dict[str, Any] | str | bytes) -> None:
-        if isinstance(state, (str, bytes)):
-            state = json.loads(state)
-        mine = self.get_state()
-        for key in ("seed", "batch_size", "num_examples", "process_index", "process_count",
-                    "flip", "random_crop", "shuffle"):
-            if key in state and state[key] != mine[key]:
-                raise ValueError(f"iterator state has {key}={state[key]!r} but this iterator has "
-                                 f"{key}={mine[key]!r}; it belongs to a different data setup")
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"iterator state epoch={epoch}, batch={batch} out of range "
-                             f"({self.batches_per_epoch} batches per epoch)")
-        self._epoch, self._batch = epoch, batch
-        self._it = None
-
-    # ---------------------------------------------------------------- data
-    def _epoch_plan(self, epoch: int):
-        """(order, flips, crop_u) of one epoch for this host; deterministic in (seed, epoch, host)."""
-        n = len(self._data)
-        rng = np.random.default_rng([self.seed, epoch, self.process_index])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        flips = (rng.random(n) < 0.5) if self.flip else np.zeros(n, bool)
-        crop_u = rng.random((n, 2)).astype(np.float32)
-        return order, flips, crop_u
-
-    def _generator(self, start_epoch: int, start_batch: int):
-        d, bs = self._data, self.batch_size
-        epoch, pos = start_epoch, start_batch * bs
-        while True:
-            order, flips, crop_u = self._epoch_plan(epoch)
-            for p in range(pos, self.batches_per_epoch * bs):
-                k, f = order[p], bool(flips[p])
-                v = 1 if f else 0
-                yield (d.images[k], crop_u[p], f, d.boxes[k], d.box_mask[k], d.input_ids[k, v],
-                       d.phrase_ids[k, v], d.token_masks[k, v])
-            epoch, pos = epoch + 1, 0
-
-    def _preprocess(self, image, crop_u, flip, boxes, box_mask, input_ids, phrase_ids, token_masks):
+    def _augment_tf(self, image, crop_u, flip, boxes, box_mask):
         res = self.resolution
         img = tf.io.decode_image(image, channels=3, expand_animations=False)
         h, w = tf.shape(img)[0], tf.shape(img)[1]
@@ -241,38 +149,139 @@ class TrainIterator:
         boxes = tf.cond(flip, lambda: box_lib.flip_boxes(boxes), lambda: boxes)
         img = tf.clip_by_value(img / 127.5 - 1.0, -1.0, 1.0)
         keep = box_mask & box_lib.box_keep(boxes, self.min_box_size)
-        keepf = tf.cast(keep, tf.float32)
+        return tf.ensure_shape(img, [res, res, 3]), boxes * tf.cast(keep, tf.float32)[:, None], keep
+
+    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
+        item_id = _text(record.get("id", f"at stream position {index}"))
+        try:
+            item_id, caption, phrases, boxes = _annotations(record, self.max_boxes)
+            rng = np.random.default_rng([self.seed, self.process_index, index])
+            flipped = self.flip and bool(rng.random() < 0.5)
+            crop_u = rng.random(2).astype(np.float32)
+            n = len(boxes)
+            padded = np.zeros((self.max_boxes, 4), np.float32)
+            padded[:n] = boxes
+            box_mask = np.arange(self.max_boxes) < n
+            input_ids, phrase_ids, token_masks = self.texts(caption, phrases, flipped)
+            image, boxes, keep = self._augment(record["image"], crop_u, flipped, padded, box_mask)
+        except (ValueError, KeyError, tf.errors.OpError) as e:
+            what = e.message if isinstance(e, tf.errors.OpError) else str(e)
+            raise ValueError(f"goal2k item {item_id!r} cannot be read: {what}") from e
+        keep = keep.numpy()
         return {
-            "images": tf.ensure_shape(img, [res, res, 3]),
+            "images": image.numpy(),
             "input_ids": input_ids,
-            "phrase_input_ids": tf.where(keep[:, None], phrase_ids, self._data.empty_ids[None, :]),
-            "boxes": boxes * keepf[:, None],
-            "masks": keepf,
-            "phrase_token_masks": tf.cast(token_masks, tf.float32) * keepf[:, None],
+            "phrase_input_ids": np.where(keep[:, None], phrase_ids, self.empty_ids[None, :]),
+            "boxes": boxes.numpy(),
+            "masks": keep.astype(np.float32),
+            "phrase_token_masks": (token_masks & keep[:, None]).astype(np.float32),
         }
 
-    def _build(self) -> Iterator:
-        n_boxes = self._data.boxes.shape[1]
-        signature = (
-            tf.TensorSpec((), tf.string), tf.TensorSpec((2,), tf.float32), tf.TensorSpec((), tf.bool),
-            tf.TensorSpec((n_boxes, 4), tf.float32), tf.TensorSpec((n_boxes,), tf.bool),
-            tf.TensorSpec((MAX_LENGTH,), tf.int32), tf.TensorSpec((n_boxes, MAX_LENGTH), tf.int32),
-            tf.TensorSpec((n_boxes, MAX_LENGTH), tf.bool))
-        start_epoch, start_batch = self._epoch, self._batch
-        ds = tf.data.Dataset.from_generator(lambda: self._generator(start_epoch, start_batch),
-                                            output_signature=signature)
-        ds = ds.map(self._preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(self.batch_size, drop_remainder=True)
-        ds = ds.prefetch(self.prefetch)
-        options = tf.data.Options()
-        options.deterministic = True
-        ds = ds.with_options(options)
-        return iter(tfds.as_numpy(ds))
+
+class TrainIterator:
+    """Infinite iterator of fixed-shape numpy batches with an exact-resume state.
+
+    ``source``: a random-access sequence of goal2k records (``goal2k.data_source``).
+    ``next(it)`` -> batch dict (module docstring). ``get_state()`` -> dict (JSON-able) naming
+    the next batch; ``set_state(state)`` (dict, or its JSON as str/bytes) continues from it.
+    """
+
+    def __init__(self, source: Sequence[dict], tokenizer, *, batch_size: int, resolution: int,
+                 max_boxes: int, seed: int, flip: bool, random_crop: bool, shuffle: bool,
+                 min_box_size: float, process_index: int, process_count: int,
+                 prefetch: int = 2):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
+        self.source = source
+        self.shard = grain.MapDataset.source(source)[process_index::process_count]
+        if len(self.shard) < batch_size:
+            raise ValueError(f"host shard {process_index}/{process_count} has {len(self.shard)} "
+                             f"items, fewer than batch_size={batch_size}")
+        self.batch_size = batch_size
+        self.seed, self.flip, self.random_crop, self.shuffle = seed, flip, random_crop, shuffle
+        self.process_index, self.process_count = process_index, process_count
+        self.prefetch = prefetch
+        self.batches_per_epoch = len(self.shard) // batch_size
+        self.transform = ItemTransform(
+            tokenizer, resolution=resolution, max_boxes=max_boxes, seed=seed, flip=flip,
+            random_crop=random_crop, min_box_size=min_box_size, process_index=process_index)
+        ds = self.shard.shuffle(seed=seed % 2**32) if shuffle else self.shard
+        self._dataset = (ds.map_with_index(self.transform)
+                         .batch(batch_size, drop_remainder=True)
+                         .repeat())
+        self._position = 0  # batches returned since epoch 0, batch 0
+        self._it: Any = None
+
+    # ---------------------------------------------------------------- state
+    def get_state(self) -> dict[str, Any]:
+        """{"epoch", "batch" (next batch within the epoch), and the setup it belongs to}."""
+        epoch, batch = divmod(self._position, self.batches_per_epoch)
+        return {"epoch": epoch, "batch": batch, "pipeline": PIPELINE, "seed": self.seed,
+                "batch_size": self.batch_size, "num_examples": len(self.shard),
+                "process_index": self.process_index, "process_count": self.process_count,
+                "flip": self.flip, "random_crop": self.random_crop, "shuffle": self.shuffle}
+
+    def set_state(self, state: dict[str, Any] | str | bytes) -> None:
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if state.get("pipeline") != PIPELINE:
+            raise ValueError(
+                f"iterator state has pipeline={state.get('pipeline')!r}, this iterator is "
+                f"{PIPELINE!r}: the state was written by another input pipeline (no 'pipeline' "
+                "key: the earlier in-memory tf.data one), whose item order differs, so the run "
+                "cannot continue exactly from it; start the run afresh")
+        mine = self.get_state()
+        for key in ("seed", "batch_size", "num_examples", "process_index", "process_count",
+                    "flip", "random_crop", "shuffle"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"iterator state has {key}={state[key]!r} but this iterator has "
+                                 f"{key}={mine[key]!r}; it belongs to a different data setup")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(f"iterator state epoch={epoch}, batch={batch} out of range "
+                             f"({self.batches_per_epoch} batches per epoch)")
+        self.close()
+        self._position = epoch * self.batches_per_epoch + batch
+
+    # ---------------------------------------------------------------- data
+    def _build(self):
+        it = iter(self._dataset.to_iter_dataset(grain.ReadOptions(
+            num_threads=self.prefetch, prefetch_buffer_size=self.prefetch)))
+        if self._position:
+            it.set_state({"next_index": self._position})
+        return it
+
+    def annotation_chunks(self, chunk_size: int = 1024
+                          ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]]:
+        """This host's items, ``chunk_size`` at a time, annotations only (images not decoded):
+        ``(box_masks bool [C, N], phrase_ids int32 [C, V * N, 77], phrase_masks bool
+        [C, V * N], ids [C])``, boxes packed first after keeping the ``max_boxes`` largest, the
+        V text variants (plain, and left/right swapped when ``flip``) side by side. For the
+        training program's check of trimmed encodings; it reads every record of the shard."""
+        t = self.transform
+        variants = (False, True) if self.flip else (False,)
+        for start in range(0, len(self.shard), chunk_size):
+            indices = list(range(start, min(start + chunk_size, len(self.shard))))
+            records = [self.shard[i] for i in indices]
+            masks = np.zeros((len(records), t.max_boxes), bool)
+            ids = np.zeros((len(records), len(variants) * t.max_boxes, MAX_LENGTH), np.int32)
+            names = []
+            for k, record in enumerate(records):
+                item_id, caption, phrases, _ = _annotations(record, t.max_boxes)
+                names.append(item_id)
+                masks[k, : len(phrases)] = True
+                for v, flipped in enumerate(variants):
+                    ids[k, v * t.max_boxes: (v + 1) * t.max_boxes] = t.texts(
+                        caption, phrases, flipped)[1]
+            yield masks, ids, np.tile(masks, (1, len(variants))), names
 
     def close(self) -> None:
-        """Releases the tf.data iterator (avoids TF's shutdown warning about live generators);
-        the next ``next()`` rebuilds it at the current state."""
-        self._it = None
+        """Stops grain's prefetch threads; the next ``next()`` restarts at the current state."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
 
     def __iter__(self) -> "TrainIterator":
         return self
@@ -281,9 +290,7 @@ class TrainIterator:
         if self._it is None:
             self._it = self._build()
         batch = next(self._it)
-        self._batch += 1
-        if self._batch == self.batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
+        self._position += 1
         return batch
 
 
@@ -306,7 +313,7 @@ def make_train_iterator(data_dir: str, tokenizer, batch_size: int, resolution: i
     """The training iterator over goal2k in ``data_dir`` (built from ``source_dir`` first if given).
 
     Args:
-      data_dir: TFDS data dir holding the built ``goal2k`` dataset.
+      data_dir: TFDS data dir holding the built ``goal2k`` dataset (ArrayRecord, version 1.1.0).
       tokenizer: a CLIP tokenizer (text.load_tokenizer) or a tokenizer folder path.
       batch_size: per-host batch size B.
       resolution: output side H = W in pixels.
@@ -320,6 +327,7 @@ def make_train_iterator(data_dir: str, tokenizer, batch_size: int, resolution: i
         several processes, process 0 builds and the others wait for it (shared data_dir).
       shuffle: per-epoch shuffling (False: dataset order).
       process_index, process_count: host shard; default jax.process_index()/process_count().
+      prefetch: batches computed ahead, each by its own thread (0: in the caller's thread).
     """
     if batch_size < 1 or resolution < 8 or max_boxes < 1:
         raise ValueError(f"make_train_iterator: need batch_size >= 1, resolution >= 8, max_boxes >= 1; "
@@ -340,8 +348,8 @@ def make_train_iterator(data_dir: str, tokenizer, batch_size: int, resolution: i
             goal2k.build_goal2k(source_dir, data_dir)
         else:  # the other hosts wait for host 0's build (TFDS renames the folder when complete)
             _wait_for_build(data_dir)
-    examples = read_shard(data_dir, split, process_index, process_count)
-    data = ShardData(examples, tokenizer, max_boxes, flip)
-    return TrainIterator(data, batch_size=batch_size, resolution=resolution, seed=seed, flip=flip,
+    return TrainIterator(goal2k.data_source(data_dir, split), tokenizer, batch_size=batch_size,
+                         resolution=resolution, max_boxes=max_boxes, seed=seed, flip=flip,
                          random_crop=random_crop, shuffle=shuffle, min_box_size=min_box_size,
-                         process_index=process_index, process_count=process_count, prefetch=prefetch)
+                         process_index=process_index, process_count=process_count,
+                         prefetch=prefetch)
