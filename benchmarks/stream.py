@@ -14,8 +14,9 @@ Stages, each in its own subprocess (so each peak RSS, ``ru_maxrss``, is its own)
   becomes its own record with its own image bytes.
 * ``stream``: ``make_train_iterator`` at the demo size (batch ``--batch``, ``--resolution``,
   ``--max-boxes``, flip and random crop on, shuffled) over one whole epoch of the host shard
-  (one process); items/s over the epoch after the first batch, the process RSS (psutil) at
-  1 %, 10 %, 50 % and 100 % of the epoch and the peak (``ru_maxrss``). Then the annotation
+  (one process), or its first ``--stream-items``; items/s after the first batch, the process
+  RSS (psutil) at 1 %, 10 %, 50 % and 100 % of the items streamed and the peak
+  (``ru_maxrss``). Then the annotation
   pass the training program runs when trimmed encodings are configured
   (``annotation_chunks``: every record read, texts tokenized, images not decoded).
 * ``train`` (``--train-steps`` > 0): the demo preset's train step (configs/goal.py:demo, demo
@@ -110,7 +111,8 @@ def stage_stream(args) -> dict:
     t0 = time.perf_counter()
     it = _iterator(args)
     open_s = time.perf_counter() - t0
-    n = it.batches_per_epoch
+    n = it.batches_per_epoch if not args.stream_items else min(
+        it.batches_per_epoch, -(-args.stream_items // args.batch))
     marks = {max(1, round(n * f)): f"{round(f * 100)}%" for f in (0.01, 0.1, 0.5, 1.0)}
     rss_before = proc.memory_info().rss / 2**20
     rss, checksum = {}, 0.0
@@ -129,7 +131,8 @@ def stage_stream(args) -> dict:
     for masks, _, _, _ in it.annotation_chunks():
         chunks += len(masks)
     check_s = time.perf_counter() - t2
-    return {"stage": "stream", "items_in_shard": len(it.shard), "batch": args.batch,
+    return {"stage": "stream", "items_in_shard": len(it.shard), "items_streamed": n * args.batch,
+            "batch": args.batch,
             "resolution": args.resolution, "max_boxes": args.max_boxes,
             "prefetch": args.prefetch, "batches": n, "open_s": open_s,
             "items_per_s": (n - 1) * args.batch / stream_s, "stream_s": stream_s,
@@ -216,7 +219,8 @@ def results_section(records: dict, argv: list[str], load: tuple) -> str:
         f"{w['source_mib']:.0f} MiB on disk |",
         f"| build | goal2k.build_goal2k -> {b['file_format']} | {b['wall_s']:.1f} | | "
         f"{b['peak_rss_mib']:.0f} | {b['items_kept']:,} items, {b['dataset_mib']:.0f} MiB |",
-        f"| stream | one epoch, batch {s['batch']}, {s['resolution']}x{s['resolution']}, "
+        f"| stream | {s['items_streamed']:,} items of the {s['items_in_shard']:,}-item epoch, "
+        f"batch {s['batch']}, {s['resolution']}x{s['resolution']}, "
         f"flip + random crop, prefetch {s['prefetch']} | {s['stream_s']:.1f} | "
         f"{s['cpu_ms_per_item']:.2f} | {s['peak_rss_mib']:.0f} | "
         f"**{s['items_per_s']:.0f} items/s** |",
@@ -229,7 +233,8 @@ def results_section(records: dict, argv: list[str], load: tuple) -> str:
             f"| train | demo preset train step, batch {tr['batch']} (median of {tr['steps']}) | "
             f"{tr['median_step_s']:.3f} per step | {tr['cpu_ms_per_item']:.1f} | "
             f"{tr['peak_rss_mib']:.0f} | **{tr['items_per_s']:.0f} items/s** |")
-    lines += ["", "Process RSS while streaming the epoch (MiB): before the first batch "
+    lines += ["", "Process RSS while streaming (MiB), at the share of the items streamed: "
+              "before the first batch "
               f"{s['rss_mib_before']}, then " + ", ".join(
                   f"{k} {v}" for k, v in s["rss_mib_at"].items()) + "."]
     if tr:
@@ -261,6 +266,8 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--max-boxes", type=int, default=4)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--stream-items", type=int, default=0,
+                   help="items streamed (whole batches; 0 = one whole epoch)")
     p.add_argument("--train-steps", type=int, default=5, help="0 = no train stage")
     p.add_argument("--stages", default="write,build,stream,train")
     p.add_argument("--results", default=RESULTS, help="markdown file to update, or 'none'")

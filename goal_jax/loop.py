@@ -672,7 +672,7 @@ def _progress_bar(config, start: int):
 
 
 def _close(run: _Run) -> None:
-    """Waits for the last save, releases the tf.data iterator (no finalization warning at exit)
+    """Waits for the last save, stops the data iterator's prefetch threads
     and flushes the writers; a failed save raises CheckpointSaveError here."""
     run.data_iter.close()
     try:

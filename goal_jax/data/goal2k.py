@@ -320,8 +320,9 @@ def build_goal2k(source_folder: str, data_dir: str, max_boxes: int = fmt.MAX_BOX
     source or of an older content of this one.
 
     Returns:
-      (builder, summary): the prepared builder (``builder.as_dataset(split="train")``) and the
-      build summary (read back from ``build_summary.json`` when the dataset already existed).
+      (builder, summary): the prepared builder (``builder.as_data_source("train")``, or
+      :func:`data_source`) and the build summary (read back from ``build_summary.json`` when
+      the dataset already existed).
     """
     source_folder, data_dir = os.path.expanduser(source_folder), os.path.expanduser(data_dir)
     if not os.path.isdir(source_folder):

@@ -260,22 +260,20 @@ class TrainIterator:
         [C, V * N], ids [C])``, boxes packed first after keeping the ``max_boxes`` largest, the
         V text variants (plain, and left/right swapped when ``flip``) side by side. For the
         training program's check of trimmed encodings; it reads every record of the shard."""
-        t = self.transform
-        variants = (False, True) if self.flip else (False,)
+        n_boxes = self.transform.max_boxes
+        swaps = (lambda s: s, box_lib.swap_left_right) if self.flip else (lambda s: s,)
         for start in range(0, len(self.shard), chunk_size):
-            indices = list(range(start, min(start + chunk_size, len(self.shard))))
-            records = [self.shard[i] for i in indices]
-            masks = np.zeros((len(records), t.max_boxes), bool)
-            ids = np.zeros((len(records), len(variants) * t.max_boxes, MAX_LENGTH), np.int32)
-            names = []
-            for k, record in enumerate(records):
-                item_id, caption, phrases, _ = _annotations(record, t.max_boxes)
-                names.append(item_id)
+            stop = min(start + chunk_size, len(self.shard))
+            items = [_annotations(self.shard[i], n_boxes) for i in range(start, stop)]
+            masks = np.zeros((len(items), n_boxes), bool)
+            ids = np.tile(self.transform.empty_ids, (len(items), len(swaps) * n_boxes, 1))
+            for k, (_, _, phrases, _) in enumerate(items):
                 masks[k, : len(phrases)] = True
-                for v, flipped in enumerate(variants):
-                    ids[k, v * t.max_boxes: (v + 1) * t.max_boxes] = t.texts(
-                        caption, phrases, flipped)[1]
-            yield masks, ids, np.tile(masks, (1, len(variants))), names
+            flat = [p for _, _, phrases, _ in items for p in phrases]
+            for v, swap in enumerate(swaps):  # one tokenizer call per chunk and variant
+                flat_ids = text_lib.tokenize(self.transform.tokenizer, [swap(p) for p in flat])
+                ids[:, v * n_boxes: (v + 1) * n_boxes][np.nonzero(masks)] = flat_ids
+            yield masks, ids, np.tile(masks, (1, len(swaps))), [item[0] for item in items]
 
     def close(self) -> None:
         """Stops grain's prefetch threads; the next ``next()`` restarts at the current state."""
