@@ -113,7 +113,7 @@ def stage_stream(args) -> dict:
     open_s = time.perf_counter() - t0
     n = it.batches_per_epoch if not args.stream_items else min(
         it.batches_per_epoch, -(-args.stream_items // args.batch))
-    marks = {max(1, round(n * f)): f"{round(f * 100)}%" for f in (0.01, 0.1, 0.5, 1.0)}
+    marks = {max(2, round(n * f)): f"{round(f * 100)}%" for f in (0.01, 0.1, 0.5, 1.0)}
     rss_before = proc.memory_info().rss / 2**20
     rss, checksum = {}, 0.0
     next(it)
