@@ -25,8 +25,9 @@ not the data set. Order of operations, per process (host):
      ``prefetch`` threads (grain ``ReadOptions``). So the source is read for at most
      ``(batches returned + prefetch) * batch_size`` items.
 
-A record that cannot be turned into an item (image that does not decode, phrases and boxes of
-different counts, no box) raises ValueError naming its id; nothing is skipped.
+A record that cannot be turned into an item (a missing field, an image that does not decode,
+phrases and boxes of different counts, no box) raises ValueError naming its id; nothing is
+skipped.
 
 Resume: every batch is a pure function of the setup and its position in the stream (grain's
 ``next_index`` = ``epoch * batches_per_epoch + batch``), so ``set_state`` moves there without
@@ -85,11 +86,17 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+FIELDS = ("id", "image", "caption", "phrases", "boxes")  # the record fields the pipeline reads
+
+
 def _annotations(record: dict, max_boxes: int) -> tuple[str, str, list[str], np.ndarray]:
     """(id, caption, phrases [n], boxes float32 [n, 4]) of a record, the ``max_boxes`` largest
-    boxes kept (n <= max_boxes). Raises ValueError naming the item when phrases and boxes
-    disagree or there is no box."""
-    item_id = _text(record["id"])
+    boxes kept (n <= max_boxes). Raises ValueError naming the item when a field is missing,
+    phrases and boxes disagree or there is no box."""
+    item_id = _text(record.get("id", "<no id>"))
+    missing = [k for k in FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"goal2k item {item_id!r} lacks the field(s) {missing}")
     boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
     phrases = [_text(p) for p in record["phrases"]]
     if len(phrases) != len(boxes):
@@ -152,21 +159,20 @@ class ItemTransform:
         return tf.ensure_shape(img, [res, res, 3]), boxes * tf.cast(keep, tf.float32)[:, None], keep
 
     def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
-        item_id = _text(record.get("id", f"at stream position {index}"))
+        item_id, caption, phrases, boxes = _annotations(record, self.max_boxes)
+        rng = np.random.default_rng([self.seed, self.process_index, index])
+        flipped = self.flip and bool(rng.random() < 0.5)
+        crop_u = rng.random(2).astype(np.float32)
+        n = len(boxes)
+        padded = np.zeros((self.max_boxes, 4), np.float32)
+        padded[:n] = boxes
+        box_mask = np.arange(self.max_boxes) < n
+        input_ids, phrase_ids, token_masks = self.texts(caption, phrases, flipped)
         try:
-            item_id, caption, phrases, boxes = _annotations(record, self.max_boxes)
-            rng = np.random.default_rng([self.seed, self.process_index, index])
-            flipped = self.flip and bool(rng.random() < 0.5)
-            crop_u = rng.random(2).astype(np.float32)
-            n = len(boxes)
-            padded = np.zeros((self.max_boxes, 4), np.float32)
-            padded[:n] = boxes
-            box_mask = np.arange(self.max_boxes) < n
-            input_ids, phrase_ids, token_masks = self.texts(caption, phrases, flipped)
             image, boxes, keep = self._augment(record["image"], crop_u, flipped, padded, box_mask)
-        except (ValueError, KeyError, tf.errors.OpError) as e:
-            what = e.message if isinstance(e, tf.errors.OpError) else str(e)
-            raise ValueError(f"goal2k item {item_id!r} cannot be read: {what}") from e
+        except tf.errors.OpError as e:
+            raise ValueError(f"goal2k item {item_id!r}: the image cannot be decoded "
+                             f"({e.message})") from e
         keep = keep.numpy()
         return {
             "images": image.numpy(),
