@@ -110,13 +110,13 @@ def test_stream_benchmark_smoke(tmp_path):
         (500, 125, 500)
     assert stream["state_after"] == {"epoch": 1, "batch": 0}  # exactly one epoch was read
     assert stream["annotation_pass_items"] == 500
-    assert sorted(stream["rss_mib_at"]) == ["100%", "10%", "1%", "50%"]
+    assert set(stream["rss_mib_at"]) == {"1%", "10%", "50%", "100%"}
     assert stream["peak_rss_mib"] >= max(stream["rss_mib_at"].values()) > 0
     # every item has 1-4 real boxes; a few may be cropped away, never more than 4 per item
     assert 0 < stream["real_boxes_seen"] <= 4 * 124 * 4
     text = results.read_text(encoding="utf-8")
     assert text.startswith("# header kept\n") and text.rstrip().endswith("tail kept")
-    assert "old" not in text and "| build | goal2k.build_goal2k -> array_record |" in text
+    assert "\nold\n" not in text and "| build | goal2k.build_goal2k -> array_record |" in text
     assert "| stream | 500 items of the 500-item epoch, batch 4, 64x64" in text
     for stage in ("write", "build", "stream"):  # kept for a later --stages run
         assert json.loads((tmp_path / "w" / f"{stage}.json").read_text()) == \
