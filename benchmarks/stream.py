@@ -13,8 +13,8 @@ Stages, each in its own subprocess (so each peak RSS, ``ru_maxrss``, is its own)
 * ``build``: ``goal2k.build_goal2k`` (validation, PNG encoding, ArrayRecord files): every item
   becomes its own record with its own image bytes.
 * ``stream``: ``make_train_iterator`` at the demo size (batch ``--batch``, ``--resolution``,
-  ``--max-boxes``, flip and random crop on, shuffled) over one whole epoch of the host shard
-  (one process), or its first ``--stream-items``; items/s after the first batch, the process
+  ``--max-boxes``, flip and random crop on, shuffled) over one whole epoch (one
+  process: every record), or its first ``--stream-items``; items/s after the first batch, the process
   RSS (psutil) at 1 %, 10 %, 50 % and 100 % of the items streamed and the peak
   (``ru_maxrss``). Then the annotation
   pass the training program runs when trimmed encodings are configured
@@ -131,7 +131,7 @@ def stage_stream(args) -> dict:
     for masks, _, _, _ in it.annotation_chunks():
         chunks += len(masks)
     check_s = time.perf_counter() - t2
-    return {"stage": "stream", "items_in_shard": len(it.shard), "items_streamed": n * args.batch,
+    return {"stage": "stream", "items_in_shard": len(it.source), "items_streamed": n * args.batch,
             "batch": args.batch,
             "resolution": args.resolution, "max_boxes": args.max_boxes,
             "prefetch": args.prefetch, "batches": n, "open_s": open_s,
