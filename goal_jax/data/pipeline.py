@@ -53,6 +53,7 @@ Batch (dict of numpy arrays, B = batch_size, N = max_boxes, H = W = resolution):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -199,6 +200,7 @@ class ItemTransform:
         }
 
 
+@functools.lru_cache(maxsize=16)
 def epoch_seed(seed: int, epoch: int) -> int:
     """The 32-bit shuffle seed of ``epoch`` (grain's ``index_shuffle`` takes 32 bits), from
     numpy's SeedSequence of (seed, epoch): distinct pairs give independent orders (not
