@@ -158,13 +158,14 @@ def create_input_pipeline(config: ml_collections.ConfigDict, models, local_batch
             source_dir=d.source or None, shuffle=d.shuffle)
     except goal2k.SourceChangedError as e:
         raise ValueError(f"config fields data.source and data.data_dir: {e}") from e
-    box_masks, names = data_iter.box_masks()
-    phrase_ids, phrase_masks = data_iter.phrase_token_ids()
     try:  # the trimmed encodings must give the loss of the full ones on every item
-        train_lib.check_box_slots(box_masks, train_lib.encoded_box_slots(t, d.max_boxes), names)
-        train_lib.check_phrase_tokens(
-            phrase_ids, phrase_masks, train_lib.encoded_phrase_tokens(t, phrase_ids.shape[-1]),
-            train_lib.phrase_eos_token_ids(models), names)
+        slots = train_lib.encoded_box_slots(t, d.max_boxes)
+        tokens = train_lib.encoded_phrase_tokens(t, data_pipeline.MAX_LENGTH)
+        if slots < d.max_boxes or tokens < data_pipeline.MAX_LENGTH:  # reads every record once
+            for box_masks, phrase_ids, phrase_masks, names in data_iter.annotation_chunks():
+                train_lib.check_box_slots(box_masks, slots, names)
+                train_lib.check_phrase_tokens(phrase_ids, phrase_masks, tokens,
+                                              train_lib.phrase_eos_token_ids(models), names)
     except ValueError as e:
         data_iter.close()
         raise ValueError(f"config field train.{e}") from e
@@ -749,7 +750,7 @@ def _progress_bar(config, start: int):
 
 
 def _close(run: _Run) -> None:
-    """Waits for the last save, releases the tf.data iterator (no finalization warning at exit)
+    """Waits for the last save, stops the data iterator's prefetch threads
     and flushes the writers; a failed save raises CheckpointSaveError here."""
     run.data_iter.close()
     if run.ids_log is not None:

@@ -33,6 +33,7 @@ SLOW_TESTS = frozenset({
     "test_clip.py::test_clip_parity_fp32",
     "test_clip.py::test_remat_same_outputs_and_gradients",
     "test_configs.py::test_train_script_rejects_bad_config_before_loading",
+    "test_data_pipeline.py::test_exact_resume_at_epoch_starts_and_far_positions",
     "test_data_pipeline.py::test_same_seed_same_batches_and_exact_resume",
     "test_data_prep_local.py::test_local_source_generates_and_resumes",
     "test_experiment.py::test_results_have_every_arm_seed_category",

@@ -89,3 +89,35 @@ def test_ratio_record_arithmetic():
     t = dict(j, median_s=2.0, peak_rss_mib=600.0)
     r = bench_run.ratio_record(j, t)
     assert (r["time_ratio"], r["speedup"], r["rss_ratio"]) == (0.25, 4.0, 0.5)
+
+
+def test_stream_benchmark_smoke(tmp_path):
+    """benchmarks/stream.py on 500 items (the 200k run is not part of the suite): write, build
+    and stream one whole epoch; asserts the counts and the section, never a time."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# header kept\n\n<!-- stream:begin -->\nold\n<!-- stream:end -->\n"
+                       "\ntail kept\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "benchmarks.stream", "--items", "500", "--unique", "40",
+           "--workdir", str(tmp_path / "w"), "--train-steps", "0", "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    write, build, stream = (json.loads(line) for line in proc.stdout.splitlines())
+    assert (write["stage"], write["items"], write["unique_images"]) == ("write", 500, 40)
+    assert (build["items_kept"], build["items_dropped"], build["file_format"]) == \
+        (500, 0, "array_record")
+    assert (stream["items_in_shard"], stream["batches"], stream["items_streamed"]) == \
+        (500, 125, 500)
+    assert stream["state_after"] == {"epoch": 1, "batch": 0}  # exactly one epoch was read
+    assert stream["annotation_pass_items"] == 500
+    assert set(stream["rss_mib_at"]) == {"1%", "10%", "50%", "100%"}
+    assert stream["peak_rss_mib"] >= max(stream["rss_mib_at"].values()) > 0
+    # every item has 1-4 real boxes; a few may be cropped away, never more than 4 per item
+    assert 0 < stream["real_boxes_seen"] <= 4 * 124 * 4
+    text = results.read_text(encoding="utf-8")
+    assert text.startswith("# header kept\n") and text.rstrip().endswith("tail kept")
+    assert "\nold\n" not in text and "| build | goal2k.build_goal2k -> array_record |" in text
+    assert "| stream | 500 items of the 500-item epoch, batch 4, 64x64" in text
+    for stage in ("write", "build", "stream"):  # kept for a later --stages run
+        assert json.loads((tmp_path / "w" / f"{stage}.json").read_text()) == \
+            {"write": write, "build": build, "stream": stream}[stage]

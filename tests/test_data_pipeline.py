@@ -1,7 +1,10 @@
-"""tf.data input pipeline: fixed shapes, determinism, exact resume, flip semantics, sharding."""
+"""Streaming input pipeline (grain over goal2k's ArrayRecord files): fixed shapes, determinism,
+exact resume, flip semantics, global order across processes, bounded reads, bad items named."""
 
 import json
 import os
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -145,17 +148,187 @@ def test_flip_swaps_left_right_and_crop_drops_boxes(tmp_path, tokenizer_dir):
     assert seen == {True, False}
 
 
-def test_host_sharding_is_disjoint_and_complete(shapes_data, tokenizer_dir):
-    parts = [pipeline.read_shard(shapes_data, "train", i, 2) for i in range(2)]
-    ids = [[e["id"] for e in p] for p in parts]
-    assert len(ids[0]) == len(ids[1]) == 9
-    assert not set(ids[0]) & set(ids[1])
-    assert sorted(ids[0] + ids[1]) == [f"shapes-train-{i:06d}" for i in range(18)]
-    # the iterator reads the whole split: host 1 of 2 takes rows [B, 2B) of every global batch
+
+
+class CountingSource:
+    """A goal2k source that records which record indices were read (thread-safe)."""
+
+    def __init__(self, source):
+        self.source, self.reads, self._lock = source, [], threading.Lock()
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        with self._lock:
+            self.reads.append(int(index))
+        return self.source[index]
+
+
+def _iterator(source, tokenizer_dir, **kw):
+    args = dict(batch_size=4, resolution=32, max_boxes=6, seed=7, flip=True, random_crop=True,
+                shuffle=True, min_box_size=0.001, process_index=0, process_count=1, prefetch=2)
+    args.update(kw)
+    return pipeline.TrainIterator(source, text.load_tokenizer(tokenizer_dir), **args)
+
+
+def test_exact_resume_at_epoch_starts_and_far_positions(shapes_data, tokenizer_dir):
+    """Resuming anywhere (epoch start, mid-epoch, several epochs on) gives the batches of an
+    uninterrupted run; the number of prefetch threads does not change them."""
+    straight = _take(_make(shapes_data, tokenizer_dir, prefetch=0), 22)  # 5.5 epochs of 4
+    assert _equal(straight, _take(_make(shapes_data, tokenizer_dir, prefetch=3), 22))
+    for epoch, batch in ((1, 0), (2, 3), (5, 1)):
+        it = _make(shapes_data, tokenizer_dir)
+        it.set_state(dict(_make(shapes_data, tokenizer_dir).get_state(), epoch=epoch,
+                          batch=batch))
+        at = epoch * 4 + batch
+        assert _equal(_take(it, 22 - at), straight[at:]), (epoch, batch)
+    # each epoch reorders the items: the first batches of epochs 0 and 1 differ
+    assert not np.array_equal(straight[0]["input_ids"], straight[4]["input_ids"])
+
+
+def test_state_from_another_setup_or_pipeline_is_refused(shapes_data, tokenizer_dir):
+    it = _make(shapes_data, tokenizer_dir)
+    state = it.get_state()
+    assert state["pipeline"] == pipeline.PIPELINE == "grain-2" and state["num_examples"] == 18
+    old = {k: v for k, v in state.items() if k != "pipeline"}  # the in-memory pipeline's state
+    with pytest.raises(ValueError, match="iterator state has pipeline=None, this iterator is "
+                       "'grain-2': the state was written by another input pipeline"):
+        it.set_state(old)
+    with pytest.raises(ValueError, match="iterator state has pipeline='grain-1'"):
+        it.set_state(dict(state, pipeline="grain-1"))  # the per-host shards of branch stream
+    with pytest.raises(ValueError, match="iterator state has global_batch_size=8 but this "
+                       "iterator has global_batch_size=4"):
+        it.set_state(dict(state, global_batch_size=8, process_count=2))
+    with pytest.raises(ValueError, match=r"epoch=0, batch=4 out of range \(4 batches per epoch\)"):
+        it.set_state(dict(state, batch=4))
+
+
+def test_epoch_seeds_do_not_collide_across_seeds():
+    """seed + epoch would give seed 1's epoch 0 the order of seed 0's epoch 1."""
+    seeds = {pipeline.epoch_seed(s, e) for s in range(20) for e in range(20)}
+    assert len(seeds) == 400
+    orders = [[pipeline.EpochOrder(50, s, True).record(e, q) for q in range(50)]
+              for s, e in ((0, 1), (1, 0))]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(50))  # permutations
+    assert orders[0] != orders[1]
+    assert [pipeline.EpochOrder(50, 0, False).record(3, q) for q in range(50)] == list(range(50))
+
+
+def test_processes_read_their_rows_of_the_global_batch(shapes_data, tokenizer_dir):
+    """process_count=3 simulated in one process: 18 items, batch 3 per process, global batch 9,
+    2 global batches per epoch. Step k's rows of hosts 0, 1, 2 stacked are exactly the 1-host
+    batch k (batch 9): images, flips and crops included; each host reads only its own rows
+    (prefetch 0: the source reads are the items of the batches returned), the hosts' reads of
+    an epoch are disjoint and cover 18 // 9 * 9 = 18 items, and a 1-host state resumes on 3."""
+    source = goal2k.data_source(shapes_data, "train")
+    ids = [source[i]["id"].decode() for i in range(len(source))]
+    one = _iterator(source, tokenizer_dir, batch_size=9, prefetch=0)
+    assert one.batches_per_epoch == 2
+    reference, reference_ids = [], []
+    for _ in range(4):  # two epochs
+        reference.append(next(one))
+        reference_ids.append(one.last_ids)
+    reads = []
+    for p in range(3):
+        counting = CountingSource(source)
+        it = _iterator(counting, tokenizer_dir, batch_size=3, process_index=p, process_count=3,
+                       prefetch=0)
+        assert it.batches_per_epoch == 2 and it.get_state()["global_batch_size"] == 9
+        rows = []
+        for k in range(4):
+            rows.append(next(it))
+            assert it.last_ids == reference_ids[k][3 * p: 3 * p + 3], (p, k)
+            assert [ids[i] for i in counting.reads] == [n for ks in reference_ids[:k + 1]
+                                                         for n in ks[3 * p: 3 * p + 3]]
+            for key in pipeline.BATCH_KEYS:
+                np.testing.assert_array_equal(rows[k][key], reference[k][key][3 * p: 3 * p + 3])
+        reads.append(counting.reads)
+    for epoch in range(2):
+        every = [i for r in reads for i in r[6 * epoch: 6 * epoch + 6]]
+        assert sorted(every) == list(range(18)), epoch  # disjoint, together each item once
+    assert reference_ids[0] + reference_ids[1] != reference_ids[2] + reference_ids[3]
+    # a 1-host state after one batch: host 2 of 3 continues with its rows of global batch 1
+    resumed = _iterator(source, tokenizer_dir, batch_size=3, process_index=2, process_count=3,
+                        prefetch=0)
+    resumed.set_state(json.dumps(dict(_iterator(source, tokenizer_dir, batch_size=9).get_state(),
+                                      batch=1)))
+    later = next(resumed)
+    assert resumed.last_ids == reference_ids[1][6:9]
+    np.testing.assert_array_equal(later["images"], reference[1]["images"][6:9])
+
+
+def test_reads_are_bounded_by_the_prefetch(shapes_data, tokenizer_dir):
+    """Nothing is read when the iterator is made; afterwards the source has been read for at
+    most (batches returned + prefetch) * batch_size items, never the whole shard ahead."""
+    counting = CountingSource(goal2k.data_source(shapes_data, "train"))
+    it = _iterator(counting, tokenizer_dir, prefetch=2)
+    assert counting.reads == []
+    for k in range(1, 10):
+        next(it)
+        assert k * 4 <= len(counting.reads) <= (k + 2) * 4, (k, len(counting.reads))
+    it.close()
+    fresh = CountingSource(counting.source)
+    it = _iterator(fresh, tokenizer_dir, prefetch=2)
+    it.set_state(dict(it.get_state(), epoch=40, batch=1))  # a jump reads nothing before it
+    next(it)
+    assert 4 <= len(fresh.reads) <= 3 * 4
+
+
+def test_annotation_chunks_cover_every_item(shapes_data, tokenizer_dir):
     it = _make(shapes_data, tokenizer_dir, process_index=1, process_count=2)
-    assert len(it._data) == 18 and it.get_state()["process_index"] == 1
-    assert list(it.positions(1)) == list(range(3 * it.batch_size, 4 * it.batch_size))
+    chunks = list(it.annotation_chunks(chunk_size=4))
+    assert [len(c[3]) for c in chunks] == [4, 4, 4, 4, 2]  # any host may read any of the 18
+    names = [n for c in chunks for n in c[3]]
+    assert names == [f"shapes-train-{i:06d}" for i in range(18)]
+    src = os.path.join(os.path.dirname(shapes_data), "src")
+    records = {r.id: r for r in fmt.read_annotations(os.path.join(src, fmt.ANNOTATIONS_FILE))[0]}
+    tok = text.load_tokenizer(tokenizer_dir)
+    masks, ids, id_masks, first = chunks[0]
+    assert masks.shape == (4, 6) and ids.shape == (4, 12, 77) and id_masks.shape == (4, 12)
+    for k, name in enumerate(first):
+        phrases = records[name].phrases
+        n = len(phrases)
+        assert masks[k].tolist() == [True] * n + [False] * (6 - n)
+        np.testing.assert_array_equal(ids[k, :n], text.tokenize(tok, phrases))  # plain texts
+        np.testing.assert_array_equal(ids[k, 6: 6 + n],  # the left/right swapped texts
+                                      text.tokenize(tok, [p.replace("left", "right") for p in
+                                                          phrases]))
+        np.testing.assert_array_equal(id_masks[k], np.tile(masks[k], 2))
+
+
+def test_bad_items_are_named(shapes_data, tokenizer_dir):
+    source = goal2k.data_source(shapes_data, "train")
+    good = [dict(source[i]) for i in range(8)]
+    broken = [dict(good[0], id=b"bad-image", image=b"not a png"), *good[1:4]]
+    it = _iterator(broken, tokenizer_dir, shuffle=False, prefetch=0)
+    with pytest.raises(ValueError, match="goal2k item 'bad-image': the image cannot be decoded"):
+        next(it)
+    mismatched = [*good[:2], dict(good[2], id=b"two-phrases", phrases=[b"a", b"b"],
+                                  boxes=np.float32([[0, 0, 0.5, 0.5]])), good[3]]
+    it = _iterator(mismatched, tokenizer_dir, shuffle=False, prefetch=2)
+    with pytest.raises(ValueError, match="^goal2k item 'two-phrases': 2 phrases but 1 boxes"):
+        next(it)
+    with pytest.raises(ValueError, match="goal2k item 'two-phrases': 2 phrases but 1 boxes"):
+        list(_iterator(mismatched, tokenizer_dir).annotation_chunks())
+    no_boxes = [{k: v for k, v in good[0].items() if k != "boxes"}, *good[1:4]]
+    with pytest.raises(ValueError, match=r"goal2k item 'shapes-train-000000' lacks the "
+                       r"field\(s\) \['boxes'\]"):
+        next(_iterator(no_boxes, tokenizer_dir, shuffle=False, prefetch=0))
+
+
+def test_missing_old_or_unsplit_dataset_says_how_to_rebuild(shapes_data, tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="no split 'val'"):
-        pipeline.read_shard(shapes_data, "val", 0, 1)
+        _make(shapes_data, tokenizer_dir, split="val")
     with pytest.raises(ValueError, match="no prepared goal2k dataset in /nonexistent"):
-        pipeline.read_shard("/nonexistent", "train", 0, 1)
+        _make("/nonexistent", tokenizer_dir)
+    # a data dir holding only a version 1.0.0 build (TFRecord files of the in-memory pipeline)
+    old = tmp_path / "goal2k" / "default" / "1.0.0"
+    shutil.copytree(os.path.join(shapes_data, "goal2k", "default", str(goal2k.Goal2k.VERSION)),
+                    old)
+    with pytest.raises(ValueError, match=rf"{tmp_path} holds goal2k version 1.0.0 only, in "
+                       rf"{old} \(built from .*src\): TFRecord files of the earlier in-memory "
+                       r"pipeline\. .* Rebuild it from its source folder with "
+                       r"goal2k.build_goal2k\(source_folder, data_dir\), or set config field "
+                       "data.source"):
+        _make(str(tmp_path), tokenizer_dir)

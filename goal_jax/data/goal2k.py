@@ -1,8 +1,13 @@
-"""The ``goal2k`` tensorflow-datasets builder: a format-1 folder -> standard TFDS files.
+"""The ``goal2k`` tensorflow-datasets builder: a format-1 folder -> TFDS ArrayRecord files.
 
 Source: a folder in the on-disk format of docs/data_format.md (``annotations.jsonl`` and
 optionally ``annotations_val.jsonl``; or a ``"split": "val"`` field per line). It is given as
 the TFDS manual dir (``DownloadConfig(manual_dir=...)``) or as ``Goal2kConfig(source_dir=...)``.
+
+Files: ArrayRecord (``file_format="array_record"``, version 1.1.0), so a split is a random-access
+source (:func:`data_source`, ``tfds.data_source``) that the streaming pipeline (pipeline.py, grain)
+reads item by item. Version 1.0.0 builds (TFRecord files, read whole into memory by the earlier
+pipeline) are not read: :func:`data_source` names the old folder and how to rebuild.
 
 Features of every example (``disable_shuffling``: examples keep the source order):
   id        Text   the item id (annotation ``id`` or ``"line <n>"``)
@@ -44,6 +49,7 @@ from goal_jax.data import format as fmt
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "build_summary.json"
+FILE_FORMAT = "array_record"  # random access (tfds.data_source); TFDS's default is TFRecord
 SOURCE_FILE = "source.json"
 
 
@@ -236,8 +242,9 @@ def scan_source(source_dir: str, max_boxes: int = fmt.MAX_BOXES
 class Goal2k(tfds.core.GeneratorBasedBuilder):
     """GOAL2K-style layout dataset (image, caption, phrases, normalized xyxy boxes)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release (TFRecord files).",
+                     "1.1.0": "ArrayRecord files: random access for the streaming pipeline."}
     BUILDER_CONFIGS = [Goal2kConfig(name="default", description="format-1 folder from manual_dir or source_dir")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place a folder in the goal_jax on-disk format (annotations.jsonl + images, see "
@@ -246,6 +253,7 @@ class Goal2k(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *args, max_boxes: int = fmt.MAX_BOXES, **kwargs):
         self._max_boxes = max_boxes
         self.build_summary: dict[str, Any] | None = None
+        kwargs.setdefault("file_format", FILE_FORMAT)
         super().__init__(*args, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -312,8 +320,9 @@ def build_goal2k(source_folder: str, data_dir: str, max_boxes: int = fmt.MAX_BOX
     source or of an older content of this one.
 
     Returns:
-      (builder, summary): the prepared builder (``builder.as_dataset(split="train")``) and the
-      build summary (read back from ``build_summary.json`` when the dataset already existed).
+      (builder, summary): the prepared builder (``builder.as_data_source("train")``, or
+      :func:`data_source`) and the build summary (read back from ``build_summary.json`` when
+      the dataset already existed).
     """
     source_folder, data_dir = os.path.expanduser(source_folder), os.path.expanduser(data_dir)
     if not os.path.isdir(source_folder):
@@ -334,3 +343,53 @@ def build_goal2k(source_folder: str, data_dir: str, max_boxes: int = fmt.MAX_BOX
         with open(os.path.join(os.fspath(builder.data_dir), SUMMARY_FILE), encoding="utf-8") as f:
             summary = json.load(f)
     return builder, summary
+
+
+def data_source(data_dir: str, split: str = "train"):
+    """The random-access source of one split of the goal2k built in ``data_dir``.
+
+    Returns:
+      a ``tfds`` ``ArrayRecordDataSource``: ``len(src)`` items, ``src[i]`` (and
+      ``src.__getitems__(indices)``) -> {"id", "caption", "category", "source": bytes,
+      "image": bytes (the stored PNG, not decoded), "phrases": list[bytes] [N],
+      "boxes": float32 [N, 4]}. Opening reads only the dataset info, not the items.
+
+    Raises:
+      ValueError: no goal2k of this version in ``data_dir`` (naming an older build found there
+        and how to rebuild it), a build not in ArrayRecord files, or no such split.
+    """
+    data_dir = os.path.expanduser(data_dir)
+    builder = Goal2k(data_dir=data_dir)
+    if not builder.is_prepared():
+        raise ValueError(_not_prepared_message(data_dir, builder))
+    if split not in builder.info.splits:
+        raise ValueError(f"goal2k dataset in {data_dir} has no split {split!r} "
+                         f"(it has {sorted(builder.info.splits)})")
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if FILE_FORMAT not in formats:
+        raise ValueError(
+            f"goal2k in {builder.data_dir} is stored as {sorted(formats)}, not {FILE_FORMAT}; "
+            f"the streaming pipeline needs random access. Delete {builder.data_dir} and rebuild "
+            "with goal2k.build_goal2k(source_folder, data_dir) (or config field data.source)")
+    return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()},
+                                  file_format=FILE_FORMAT)
+
+
+def _not_prepared_message(data_dir: str, builder: Goal2k) -> str:
+    version_root = os.path.dirname(os.fspath(builder.data_dir))
+    older = sorted(v for v in (os.listdir(version_root) if os.path.isdir(version_root) else [])
+                   if v != str(Goal2k.VERSION)
+                   and os.path.isfile(os.path.join(version_root, v, "dataset_info.json")))
+    if not older:
+        return (f"no prepared goal2k dataset in {data_dir} (expected {builder.data_dir}); build "
+                "it with goal2k.build_goal2k(source_folder, data_dir) or pass source_dir=")
+    old = os.path.join(version_root, older[-1])
+    source = ""
+    if os.path.isfile(os.path.join(old, SOURCE_FILE)):
+        with open(os.path.join(old, SOURCE_FILE), encoding="utf-8") as f:
+            source = f" (built from {json.load(f).get('source_dir')})"
+    return (f"{data_dir} holds goal2k version {older[-1]} only, in {old}{source}: TFRecord "
+            f"files of the earlier in-memory pipeline. The streaming pipeline reads version "
+            f"{Goal2k.VERSION} (ArrayRecord). Rebuild it from its source folder with "
+            "goal2k.build_goal2k(source_folder, data_dir), or set config field data.source "
+            f"(the training program then builds it); {old} can be deleted afterwards")

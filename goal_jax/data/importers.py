@@ -72,58 +72,61 @@ def import_gligen_tsv(tsv_path: str, out_folder: str, split: str = "train",
     if split not in fmt.SPLITS:
         raise ValueError(f"import_gligen_tsv: split must be one of {fmt.SPLITS}, got {split!r}")
     os.makedirs(os.path.join(out_folder, "images"), exist_ok=True)
-    records, dropped, seen = [], [], set()
-    with open(tsv_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            item_id = f"row {n}"
-            try:
-                item_id, item = _gligen_row(line, n)
-                if item_id in seen:
-                    raise ValueError("duplicate data_id")
+    dropped, seen = [], set()
+
+    def rows():  # written as read, one TSV row at a time (only the ids seen are kept)
+        with open(tsv_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                item_id = f"row {n}"
                 try:
-                    raw = base64.b64decode(item["image"], validate=True)
-                except (KeyError, TypeError, binascii.Error, ValueError):
-                    raise ValueError("'image' is missing or not valid base64") from None
-                try:
-                    with Image.open(io.BytesIO(raw)) as im:
-                        im.load()
-                        ext = _EXTENSIONS.get(im.format or "", "img")
-                except Exception as e:
-                    raise ValueError(f"undecodable image ({type(e).__name__})") from None
-                annos = item.get("annos", [])
-                if not isinstance(annos, list):
-                    raise ValueError("'annos' must be a list")
-                if item.get("is_det", False):
-                    names = [str(a.get("category_name", "")) for a in annos]
-                    caption = ", ".join(names)
-                    phrases = names
-                else:
-                    caption = item.get("caption", "")
-                    if not isinstance(caption, str):
-                        raise ValueError("'caption' must be a string")
-                    phrases = [_phrase_from_spans(caption, a.get("tokens_positive")) for a in annos]
-                boxes = []
-                for k, a in enumerate(annos):
-                    bbox = a.get("bbox")
-                    if (not isinstance(bbox, list) or len(bbox) != 4
-                            or not all(isinstance(v, (int, float)) for v in bbox)):
-                        raise ValueError(f"anno {k} 'bbox' must be [x, y, w, h], got {bbox!r}")
-                    x, y, w, h = (float(v) for v in bbox)
-                    boxes.append([x, y, x + w, y + h])
-            except ValueError as e:
-                dropped.append({"id": item_id, "reason": str(e)})
-                continue
-            seen.add(item_id)
-            rel = f"images/{_safe_name(item_id)}.{ext}"
-            with open(os.path.join(out_folder, rel), "wb") as out:
-                out.write(raw)
-            records.append(fmt.Record(id=item_id, image=rel, caption=caption, phrases=phrases,
-                                      boxes=boxes, box_format="xyxy_pixels", source=source, split=split))
+                    item_id, item = _gligen_row(line, n)
+                    if item_id in seen:
+                        raise ValueError("duplicate data_id")
+                    try:
+                        raw = base64.b64decode(item["image"], validate=True)
+                    except (KeyError, TypeError, binascii.Error, ValueError):
+                        raise ValueError("'image' is missing or not valid base64") from None
+                    try:
+                        with Image.open(io.BytesIO(raw)) as im:
+                            im.load()
+                            ext = _EXTENSIONS.get(im.format or "", "img")
+                    except Exception as e:
+                        raise ValueError(f"undecodable image ({type(e).__name__})") from None
+                    annos = item.get("annos", [])
+                    if not isinstance(annos, list):
+                        raise ValueError("'annos' must be a list")
+                    if item.get("is_det", False):
+                        names = [str(a.get("category_name", "")) for a in annos]
+                        caption = ", ".join(names)
+                        phrases = names
+                    else:
+                        caption = item.get("caption", "")
+                        if not isinstance(caption, str):
+                            raise ValueError("'caption' must be a string")
+                        phrases = [_phrase_from_spans(caption, a.get("tokens_positive")) for a in annos]
+                    boxes = []
+                    for k, a in enumerate(annos):
+                        bbox = a.get("bbox")
+                        if (not isinstance(bbox, list) or len(bbox) != 4
+                                or not all(isinstance(v, (int, float)) for v in bbox)):
+                            raise ValueError(f"anno {k} 'bbox' must be [x, y, w, h], got {bbox!r}")
+                        x, y, w, h = (float(v) for v in bbox)
+                        boxes.append([x, y, x + w, y + h])
+                except ValueError as e:
+                    dropped.append({"id": item_id, "reason": str(e)})
+                    continue
+                seen.add(item_id)
+                rel = f"images/{_safe_name(item_id)}.{ext}"
+                with open(os.path.join(out_folder, rel), "wb") as out:
+                    out.write(raw)
+                yield fmt.Record(id=item_id, image=rel, caption=caption, phrases=phrases,
+                                 boxes=boxes, box_format="xyxy_pixels", source=source, split=split)
+
     name = fmt.ANNOTATIONS_FILE if split == "train" else fmt.VAL_ANNOTATIONS_FILE
-    fmt.write_annotations(os.path.join(out_folder, name), records)
-    return {"items_written": len(records), "items_dropped": dropped}
+    written = fmt.write_annotations(os.path.join(out_folder, name), rows())
+    return {"items_written": written, "items_dropped": dropped}
 
 
 def _xywh_to_xyxy(box: Any, what: str) -> list[float]:
