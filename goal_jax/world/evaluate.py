@@ -189,6 +189,9 @@ def grounding_gap(pipeline, split, unet_params=None, num_items: int = 256,
             out.append(jnp.mean((eps - noise) ** 2))
         return jnp.stack(out)
 
+    f = _vae_factor(p.vae)
+    latent = (batch_size, split.images.shape[1] // f, split.images.shape[2] // f,
+              p.unet.config.in_channels)
     rng = np.random.default_rng([seed, 7])
     result = {}
     for tv in timesteps:
@@ -200,8 +203,6 @@ def grounding_gap(pipeline, split, unet_params=None, num_items: int = 256,
                 ids = cache.captions[sl] if label == "caption" else np.broadcast_to(
                     cache.null, cache.captions[sl].shape)
                 images = split.images_float(np.arange(s, s + batch_size))
-                latent = (batch_size, images.shape[1] // _vae_factor(p.vae),
-                          images.shape[2] // _vae_factor(p.vae), p.unet.config.in_channels)
                 noise = rng.standard_normal(latent).astype(np.float32)
                 sums += np.asarray(losses(jnp.asarray(images), jnp.asarray(ids),
                                           jnp.asarray(cache.phrases[sl]),

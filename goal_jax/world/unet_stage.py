@@ -71,8 +71,6 @@ def fresh_gligen(base_params, init_params):
     ``init_params`` (the untrained initialisation): the input of a GLIGEN stage."""
     _, base = split_params(base_params, gligen=True)
     gligen, _ = split_params(init_params, gligen=True)
-    if set(base) & set(gligen):
-        raise ValueError("GLIGEN and base parameter names overlap")
     return merge(gligen, base)
 
 
@@ -162,15 +160,10 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
         raise ValueError(f"unknown U-Net stage {which!r}")
     c = config[which]
     gligen = which == "gligen"
-    # ldm.grounding: the LDM stage also trains the GLIGEN layers, with grounding input.
-    grounded = gligen or bool(c.get("grounding", False))
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     unet = build(config, text_encoder.config.hidden_size, dtype)
     sched = schedule_lib.DDPMSchedule.from_config(models.SCHEDULER_CONFIG)
-    if grounded and not gligen:
-        trainable, frozen = traverse_util.flatten_dict(unet_params, sep="/"), {}
-    else:
-        trainable, frozen = split_params(unet_params, gligen)
+    trainable, frozen = split_params(unet_params, gligen)
     tx = stage.adamw(c.learning_rate, c.steps, warmup=c.warmup)
     state = stage.init_state(trainable, tx, ema=True)
     frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
@@ -181,7 +174,7 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
         ids = jnp.where(drop_caption[:, None], null[None], ids)
         context = text_encoder.apply({"params": text_params}, ids).last_hidden_state
         grounding = None
-        if grounded:
+        if gligen:
             b, n, length = phrase_ids.shape
             pooled = text_encoder.apply({"params": text_params},
                                         phrase_ids.reshape(b * n, length)).pooled
