@@ -71,18 +71,20 @@ def test_attention_errors():
         ops.dot_product_attention(q, k, k, causal=True)
 
 
-# (T, S, causal): padded queries and keys (segment ids mask the 51 padded keys), no padding,
-# causal self-attention padded 77 -> 128 (the CLIP text encoder's shape).
-PALLAS_CASES = [(130, 77, False), (128, 128, False), (77, 77, True)]
+# (T, S, causal, head dim): padded queries and keys (segment ids mask the 51 padded keys), no
+# padding, causal self-attention padded 77 -> 128 (the CLIP text encoder's shape), and SD-1.4's
+# 1280-channel cross-attention head dim 160, which the kernel only takes padded to 256.
+PALLAS_CASES = [(130, 77, False, 8), (128, 128, False, 8), (77, 77, True, 8),
+                (64, 200, False, 160)]
 
 
-@pytest.mark.parametrize("t,s,causal", PALLAS_CASES)
-def test_pallas_flash_attention_matches_einsum_in_interpret_mode(t, s, causal):
+@pytest.mark.parametrize("t,s,causal,d", PALLAS_CASES)
+def test_pallas_flash_attention_matches_einsum_in_interpret_mode(t, s, causal, d):
     from jax.experimental.pallas import tpu as pltpu
 
     rng = np.random.default_rng(4)
-    q, k, v = _rand(rng, 1, t, 2, 8), _rand(rng, 1, s, 2, 8), _rand(rng, 1, s, 2, 8)
-    w = _rand(rng, 1, t, 2, 8)  # a random cotangent
+    q, k, v = _rand(rng, 1, t, 2, d), _rand(rng, 1, s, 2, d), _rand(rng, 1, s, 2, d)
+    w = _rand(rng, 1, t, 2, d)  # a random cotangent
     scale = 0.4
 
     def loss(fn):
@@ -100,9 +102,10 @@ def test_pallas_flash_attention_matches_einsum_in_interpret_mode(t, s, causal):
         out = pallas(q, k, v)
         g_out = jax.grad(loss(pallas), argnums=(0, 1, 2))(q, k, v)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+    grow = (d / 8) ** 0.5  # float32 rounding of a D-term dot product grows like sqrt(D)
+    np.testing.assert_allclose(out, ref, atol=2e-6 * grow, rtol=0)
     for name, a, r in zip("qkv", g_out, g_ref):
-        bound = 2e-5 * max(1.0, float(jnp.max(jnp.abs(r))))
+        bound = 2e-5 * grow * max(1.0, float(jnp.max(jnp.abs(r))))
         assert float(jnp.max(jnp.abs(a - r))) <= bound, name
 
 

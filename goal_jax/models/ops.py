@@ -56,6 +56,8 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "pallas", "cudnn")
 # Token block of the Pallas TPU flash attention (its default block sizes; sequences are padded
 # to a multiple of it).
 PALLAS_BLOCK = 128
+# The kernel takes a head dim of at most this, or a multiple of it (TPU vector lanes).
+PALLAS_LANES = 128
 _TARGET_PLATFORM: list[Optional[str]] = [None]
 
 
@@ -144,7 +146,10 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     T and S are zero-padded to a multiple of ``block``; padded keys get segment id 0 and real
     keys (and all queries) segment id 1, so no real query attends to padding (with ``causal``
     and T == S the padded keys lie after every real query and are masked anyway). Padded query
-    rows are dropped. Runs on TPU, or on any backend inside
+    rows are dropped. A head dim above 128 that is not a multiple of 128 (SD-1.4's 1280-channel
+    blocks have 8 heads of 160) is zero-padded to the next multiple of 128, as the kernel
+    requires: zero columns of q and k leave every logit unchanged and zero columns of v give
+    output columns that are dropped. Runs on TPU, or on any backend inside
     ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (slow; for tests).
     """
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -156,9 +161,10 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     s = k.shape[1]
     scale = d ** -0.5 if scale is None else scale
     tp, sp = _round_up(t, block), _round_up(s, block)
+    dp = _round_up(d, PALLAS_LANES) if d > PALLAS_LANES else d
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T|S, D]
-    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-    kh, vh = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (kh, vh))
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, tp - t), (0, dp - d)))
+    kh, vh = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, dp - d))) for x in (kh, vh))
     segment_ids = None
     if sp != s and not causal:
         segment_ids = fa.SegmentIds(q=jnp.ones((b, tp), jnp.int32),
@@ -169,7 +175,7 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
     out = fa.flash_attention(qh, kh, vh, segment_ids=segment_ids, causal=causal,
                              sm_scale=float(scale), block_sizes=blocks)
-    return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)
+    return jnp.swapaxes(out[:, :, :t, :d], 1, 2).astype(q.dtype)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
