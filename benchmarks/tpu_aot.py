@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -333,8 +334,23 @@ def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
             traced = jitted.trace(*args)
             lowered = traced.lower()
     rec["lower_s"] = time.perf_counter() - start
+    rec["budget_bytes"] = chip.budget_bytes
     start = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        oom = parse_hbm_oom(str(e))
+        if oom is None:
+            raise
+        # XLA:TPU refuses a program whose buffers exceed the core's HBM; what it needed is the
+        # measurement (arguments: the per-core shards of the inputs, computed here).
+        rec["compile_s"] = time.perf_counter() - start
+        rec.update(oom, argument_bytes=_shard_bytes(args), output_bytes=0, alias_bytes=0,
+                   generated_code_bytes=0, flops=-1.0, transcendentals=-1.0,
+                   bytes_accessed=-1.0, optimal_seconds=-1.0, pallas_custom_calls=-1,
+                   fits=False)
+        rec["peak_bytes"] = rec["argument_bytes"] + rec["temp_bytes"]
+        return rec
     rec["compile_s"] = time.perf_counter() - start
     mem = compiled.memory_analysis()
     for f in ("argument", "output", "alias", "temp", "generated_code"):
@@ -351,9 +367,45 @@ def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
     rec["optimal_seconds"] = float(cost.get("optimal_seconds", -1.0))
     hlo = compiled.as_text()
     rec["pallas_custom_calls"] = hlo.count('custom_call_target="tpu_custom_call"')
-    rec["budget_bytes"] = chip.budget_bytes
     rec["fits"] = rec["peak_bytes"] <= chip.budget_bytes
     return rec
+
+
+_OOM = re.compile(r"Ran out of memory in memory space (?P<space>\w+)|Ran out of memory on "
+                  r"(?P<space2>\w+)")
+_OOM_TEMP = re.compile(r"memory required for HLO temporaries \((?P<temp>[0-9.]+)(?P<unit>[KMG])\)"
+                       r" exceeds available \w+ \((?P<avail>[0-9.]+)(?P<unit2>[KMG])\)")
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+
+
+def parse_hbm_oom(message: str) -> dict | None:
+    """The numbers of XLA:TPU's out-of-memory compile error, e.g. "RESOURCE_EXHAUSTED: Ran out
+    of memory on HBM, the total memory required for HLO temporaries (14.73G) exceeds available
+    HBM (7.48G)." -> {"oom": True, "temp_bytes": 14.73 GiB, "available_bytes": 7.48 GiB,
+    "oom_message": the first line}; None for any other error. XLA prints GiB as "G" with two
+    decimals, so the byte counts are good to 0.005 GiB."""
+    if "RESOURCE_EXHAUSTED" not in message or not _OOM.search(message):
+        return None
+    m = _OOM_TEMP.search(message)
+    if m is None:
+        return None
+    first = next(line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line)
+    return {"oom": True,
+            "temp_bytes": int(float(m["temp"]) * _UNITS[m["unit"]]),
+            "available_bytes": int(float(m["avail"]) * _UNITS[m["unit2"]]),
+            "oom_message": first.strip()}
+
+
+def _shard_bytes(args) -> int:
+    """Bytes per device of abstract arguments carrying shardings (one shard of each)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree_util.tree_leaves(args):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+        total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,6 +472,13 @@ def results_section(records: list[dict], pending: list[str], size_name: str) -> 
     order = {k: i for i, k in enumerate(TARGET_JOBS + MORE_JOBS)}
     rows.sort(key=lambda r: order.get(record_key(r), len(order)))
     for r in rows:
+        if r.get("oom"):
+            lines.append(
+                f"| {r['chip']} | {r['program']} | {r['variant']} | {r['params']} | "
+                f"{r['per_core']} | {r['batch']} | {_g(r['argument_bytes'])} | "
+                f"≥ {_g(r['temp_bytes'])} | ≥ {_g(r['peak_bytes'])} | {_g(r['budget_bytes'])} "
+                f"| **no** (XLA: out of HBM) | – | – | – | {r['compile_s']:.0f} |")
+            continue
         lines.append(
             f"| {r['chip']} | {r['program']} | {r['variant']} | {r['params']} | "
             f"{r['per_core']} | {r['batch']} | {_g(r['argument_bytes'])} | {_g(r['temp_bytes'])} "
@@ -496,11 +555,17 @@ def main(argv=None) -> None:
                   f"so far{eta})", flush=True)
             rec = compile_job(job, args.size, tok)
             rec["command"] = "python -m benchmarks.tpu_aot " + " ".join(argv)
-            print(f"[{i + 1}/{len(todo)}] {job.key}: peak {_g(rec['peak_bytes'])} GiB "
-                  f"(args {_g(rec['argument_bytes'])} + temp {_g(rec['temp_bytes'])}), "
-                  f"{rec['flops'] / 1e12:.2f} TFLOP, cost model {rec['optimal_seconds']:.3g} s, "
-                  f"{rec['pallas_custom_calls']} Pallas calls, fits {rec['fits']}, "
-                  f"compile {rec['compile_s']:.0f} s", flush=True)
+            if rec.get("oom"):
+                print(f"[{i + 1}/{len(todo)}] {job.key}: does not fit: {rec['oom_message']} "
+                      f"(arguments {_g(rec['argument_bytes'])} GiB per core; compile "
+                      f"{rec['compile_s']:.0f} s)", flush=True)
+            else:
+                print(f"[{i + 1}/{len(todo)}] {job.key}: peak {_g(rec['peak_bytes'])} GiB "
+                      f"(args {_g(rec['argument_bytes'])} + temp {_g(rec['temp_bytes'])}), "
+                      f"{rec['flops'] / 1e12:.2f} TFLOP, cost model "
+                      f"{rec['optimal_seconds']:.3g} s, {rec['pallas_custom_calls']} Pallas "
+                      f"calls, fits {rec['fits']}, compile {rec['compile_s']:.0f} s",
+                      flush=True)
             if args.jsonl:
                 with open(args.jsonl, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -74,6 +74,57 @@ def test_small_train_step_and_sampler_compile_for_v5e_2x2(tmp_path):
     assert len(jsonl.read_text().splitlines()) == 2
 
 
+OOM_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from benchmarks import tpu_aot
+dev = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
+sh = jax.sharding.SingleDeviceSharding(dev)
+x = jax.ShapeDtypeStruct((65536, 128), jnp.float32, sharding=sh)
+w = jax.ShapeDtypeStruct((128, 65536), jnp.float32, sharding=sh)
+# sorting the 16 GiB product needs it (and the sort's copy) in HBM at once
+lowered = jax.jit(lambda x, w: jnp.sort(x @ w, axis=0)[:8]).trace(x, w).lower()
+try:
+    lowered.compile()
+    print("COMPILED")
+except jax.errors.JaxRuntimeError as e:
+    print("PARSED", tpu_aot.parse_hbm_oom(str(e)))
+"""
+
+
+def test_out_of_memory_compile_is_a_measurement(tmp_path):
+    """XLA:TPU refuses a program that needs more than a core's HBM; tpu_aot records the refusal
+    (the temporaries XLA asked for, the HBM it had) as a "does not fit" row. Checked against
+    libtpu's own message for a v5e chip (16 GiB): a 16 GiB intermediate that must be sorted."""
+    env = dict(os.environ, PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_PLATFORMS", None)
+    if not os.path.isfile(TPU_PYTHON):
+        pytest.fail(f"{TPU_PYTHON} does not exist: run `make tpu-venv`")
+    proc = subprocess.run([TPU_PYTHON, "-c", OOM_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(("PARSED", "COMPILED")))
+    assert line.startswith("PARSED {"), line
+    rec = eval(line[len("PARSED "):])  # a dict literal printed by the subprocess
+    assert rec["oom"] is True
+    # XLA prints GiB with two decimals: 15.75G of a v5e's 16 GiB are available to temporaries
+    assert abs(rec["available_bytes"] / 2 ** 30 - 15.75) < 0.006
+    assert rec["temp_bytes"] > 16 * 2 ** 30 > rec["available_bytes"]
+    sys.path.insert(0, REPO)
+    from benchmarks import tpu_aot
+
+    assert tpu_aot.parse_hbm_oom("INTERNAL: something else") is None
+    row = tpu_aot.results_section([dict(
+        rec, size="sd14", chip="v2-8", program="train", variant="bf16_remat", params="fsdp",
+        per_core=2, batch=16, argument_bytes=2 ** 30, peak_bytes=2 ** 30 + rec["temp_bytes"],
+        budget_bytes=int(7.5 * 2 ** 30), compile_s=321.0, jax="0.10.2", libtpu="0.0.42.1")],
+        [], "sd14")
+    assert "| v2-8 | train | bf16_remat | fsdp | 2 | 16 | 1.00 | ≥ " in row
+    assert "| **no** (XLA: out of HBM) |" in row
+
+
 def test_job_names_are_checked():
     sys.path.insert(0, REPO)
     from benchmarks import tpu_aot
