@@ -89,6 +89,7 @@ def test_readings_match_the_drawn_objects(oracle):
     for (image, item, objs), result in zip(renders, results):
         assert result["category"] == item["category"]
         assert result["verdict"] is True, (item["caption"], result)
+        assert result["score"] == 1.0, (item["caption"], result)
         for box, obj in zip(result["boxes"], objs):
             rd = box["reading"]
             assert (rd["present"], rd["color"], rd["shape"], rd["texture"]) == \
@@ -107,6 +108,10 @@ def test_wrong_layouts_get_wrong_verdicts(oracle):
     phrases[0] = f"a {wrong} {objs[0]['shape']}"
     r = oracle.score_item(image, " and ".join(phrases), phrases, item["boxes"], "recolored")
     assert (r["verdict"], r["boxes"][0]["color_ok"], r["boxes"][0]["shape_ok"]) == (False, False, True)
+    # graded: one of the colour-named boxes has its colour (the verdict needs both)
+    named = [b for b in r["boxes"] if b["color_ok"] is not None]
+    assert r["category"] == "color" and r["score"] == pytest.approx(
+        sum(b["color_ok"] for b in named) / len(named)) == pytest.approx(1 - 1 / len(named))
 
     image, item, objs = renders[3]  # spatial: flip the relation
     flip = {"left": "right", "right": "left", "above": "below", "below": "above"}
@@ -116,18 +121,27 @@ def test_wrong_layouts_get_wrong_verdicts(oracle):
     r = oracle.score_item(image, caption, item["phrases"], item["boxes"], "flipped")
     assert (r["relation"], r["relation_ok"], r["verdict"]) == (flip[spec.relation], False, False)
     assert all(b["correct"] for b in r["boxes"])
+    assert r["score"] == pytest.approx(2 / 3)  # both objects right, the relation wrong
 
     image, item, objs = renders[4]  # counting: one more than drawn
     n = len(objs)
     caption = item["caption"].replace(shapes.NUMBERS[n], shapes.NUMBERS.get(n + 1, "two"))
     r = oracle.score_item(image, caption, item["phrases"], item["boxes"], "miscounted")
     assert (r["count"], r["verdict"]) == (n, False)
+    # graded: 1 - |count - expected| / expected, floored at 0 (here 4 drawn, "two" asked -> 0)
+    expected = r["expected_count"]
+    assert r["score"] == pytest.approx(max(0.0, 1 - abs(n - expected) / expected)), caption
+    r2 = oracle.score_item(image, item["caption"].replace(shapes.NUMBERS[n], shapes.NUMBERS[n - 1]),
+                           item["phrases"], item["boxes"], "one fewer")
+    assert (r2["count"], r2["expected_count"]) == (n, n - 1)
+    assert r2["score"] == pytest.approx(max(0.0, 1 - 1 / (n - 1)))
 
     # A box over plain background: nothing there.
     image = np.full((RES, RES, 3), 200, np.uint8)
     r = oracle.score_item(image, "a red circle", ["a red circle"], [[0.3, 0.3, 0.6, 0.6]], "empty")
     rd = r["boxes"][0]["reading"]
     assert (rd["present"], rd["iou"], rd["detected_box"], r["verdict"]) == (False, 0.0, None, False)
+    assert r["score"] == 0.0
 
 
 def test_bad_boxes_are_errors_naming_the_item(oracle):
@@ -192,6 +206,7 @@ def test_evaluate_oracle_command(tmp_path):
     assert summary["boxes"]["n"] == n_boxes
     assert (summary["boxes"]["present"], summary["boxes"]["correct"], summary["verdict"]) == (1.0, 1.0, 1.0)
     assert summary["categories"]["color"]["verdict"] == 1.0
+    assert summary["score"] == summary["categories"]["color"]["score"] == 1.0
     assert summary["categories"]["color"]["boxes"]["color_in_box"] == 1.0
     assert summary["categories"]["shape"]["boxes"]["color_in_box"] is None  # no colour named
     assert "| color | 1 | 100.0 % | 100.0 % | 100.0 % | 100.0 % |" in (out / "results.md").read_text()

@@ -24,6 +24,16 @@ item's T2I-CompBench-style category (inferred from the caption, :func:`parse_cap
 
 Unnamed attributes are not checked ("a star" may be any colour; "a red circle" any texture).
 
+Besides the all-or-nothing verdict, each item gets a graded ``score`` in [0, 1] (the analogue of
+T2I-CompBench's per-image scores, which average over the nouns instead of requiring all of
+them; with a weak model the verdict is 0 almost everywhere and cannot tell two models apart):
+
+* ``color`` / ``shape`` / ``texture``: the fraction of boxes whose object is present with the
+  category's attribute as named (boxes whose phrase does not name it are left out);
+* ``complex``: the fraction of boxes that are ``correct`` (present, every named attribute right);
+* ``spatial``: the mean of (first object correct, second object correct, relation holds);
+* ``counting``: ``max(0, 1 - |count - expected| / expected)``.
+
 Python API (the shipped weights are ``assets/shapes_world/oracle``)::
 
     oracle = Oracle.load()                          # or Oracle.load(folder)
@@ -527,6 +537,7 @@ def judge(name: str, item: dict, caption: CaptionSpec, phrases: Sequence[PhraseS
             rel_ok = {"left": ca[0] < cb[0], "right": ca[0] > cb[0],
                       "above": ca[1] < cb[1], "below": ca[1] > cb[1]}[caption.relation]
         result.update(relation=caption.relation, relation_ok=bool(rel_ok),
+                      boxes_pair_ok=[bool(boxes[a]["correct"]), bool(boxes[b]["correct"])],
                       verdict=bool(boxes[a]["correct"] and boxes[b]["correct"] and rel_ok))
     elif caption.category == "counting":
         count = sum(1 for b, r in zip(boxes, readings)
@@ -535,7 +546,30 @@ def judge(name: str, item: dict, caption: CaptionSpec, phrases: Sequence[PhraseS
                       verdict=count == caption.count)
     else:
         result["verdict"] = all_correct
+    result["score"] = graded_score(result)
     return result
+
+
+_CATEGORY_ATTRIBUTE = {"color": "color_ok", "shape": "shape_ok", "texture": "texture_ok"}
+
+
+def graded_score(result: dict) -> float:
+    """The item's graded score in [0, 1] (module docstring) from :func:`judge`'s result."""
+    boxes, cat = result["boxes"], result["category"]
+    if cat == "spatial":
+        first_ok, second_ok = result["boxes_pair_ok"]
+        return float(np.mean([first_ok, second_ok, result["relation_ok"]]))
+    if cat == "counting":
+        expected = result["expected_count"]
+        return float(max(0.0, 1.0 - abs(result["count"] - expected) / expected))
+    key = _CATEGORY_ATTRIBUTE.get(cat)
+    if key is None:  # complex (and anything without a single attribute)
+        checks = [b["correct"] for b in boxes]
+    else:
+        checks = [b["reading"]["present"] and b[key] for b in boxes if b[key] is not None]
+        if not checks:  # the category's attribute is named nowhere: every box must be right
+            checks = [b["correct"] for b in boxes]
+    return float(np.mean(checks)) if checks else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,11 +590,13 @@ def summarize(results: Sequence[dict]) -> dict:
         rs = [r for r in results if r["category"] == cat]
         if not rs:
             continue
-        cats[cat] = {"n": len(rs), "verdict": _mean(r["verdict"] for r in rs)}
+        cats[cat] = {"n": len(rs), "verdict": _mean(r["verdict"] for r in rs),
+                     "score": _mean(r["score"] for r in rs)}
         if cat == "spatial":
             cats[cat]["relation_ok"] = _mean(r["relation_ok"] for r in rs)
         cats[cat]["boxes"] = box_summary(rs)
     return {"items": len(results), "verdict": _mean(r["verdict"] for r in results),
+            "score": _mean(r["score"] for r in results),
             "boxes": box_summary(results), "categories": cats}
 
 
@@ -651,18 +687,20 @@ def results_markdown(scored: dict, title: str = "Shapes-world oracle") -> str:
     b = s["boxes"]
     iou = "-" if b["iou"] is None else f"{b['iou']:.3f}"
     lines = [f"# {title}", "", f"Folder: `{scored.get('folder')}`; {s['items']} images, "
-             f"{b['n']} boxes; all-categories verdict {_pct(s['verdict'])}.", "",
+             f"{b['n']} boxes; all-categories verdict {_pct(s['verdict'])}, graded score "
+             f"{_pct(s.get('score'))} (module docstring of goal_jax/evaluation/oracle.py).", "",
              "| per box | present | colour in box | colour | shape | texture (of objects found) "
              "| all named right | mean IoU |", "|---|---|---|---|---|---|---|---|",
              f"| | {_pct(b['present'])} | {_pct(b['color_in_box'])} | {_pct(b['color'])} | "
              f"{_pct(b['shape'])} | {_pct(b['texture'])} | {_pct(b['correct'])} | "
              f"{iou} |", "",
-             "| category | images | verdict | boxes: present | colour in box | all named right |",
-             "|---|---|---|---|---|---|"]
+             "| category | images | graded score | verdict | boxes: present | colour in box "
+             "| all named right |", "|---|---|---|---|---|---|---|"]
     for cat, c in s["categories"].items():
         extra = f" (relation {_pct(c['relation_ok'])})" if "relation_ok" in c else ""
         cb = c["boxes"]
-        lines.append(f"| {cat} | {c['n']} | {_pct(c['verdict'])}{extra} | {_pct(cb['present'])} "
+        lines.append(f"| {cat} | {c['n']} | {_pct(c.get('score'))} | {_pct(c['verdict'])}{extra} "
+                     f"| {_pct(cb['present'])} "
                      f"| {_pct(cb['color_in_box'])} | {_pct(cb['correct'])} |")
     return "\n".join(lines) + "\n"
 
