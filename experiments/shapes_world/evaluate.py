@@ -109,8 +109,11 @@ class Evaluator:
 
     def score(self, images: np.ndarray) -> dict:
         """Oracle + CLIP scores of ``images`` (aligned with the items) -> {"items": [{"id",
-        "category", "verdict", "clip"}], "boxes": oracle per-box summary, "categories":
-        {cat: {"n", "oracle", "clip"}}, "oracle", "clip" (means over all items)}."""
+        "category", "verdict", "score", "clip"}], "boxes": oracle per-box summary,
+        "categories": {cat: {"n", "score", "oracle", "clip", "boxes"}}, "score", "oracle",
+        "clip" (means over all items)}. ``score`` is the oracle's graded per-item score (the
+        experiment's primary number, like T2I-CompBench's per-category scores), ``oracle`` its
+        all-or-nothing verdict rate, ``boxes`` the per-box means of the category's items."""
         from goal_jax.evaluation import oracle as oracle_lib
 
         fields = ("id", "caption", "phrases", "boxes", "category")
@@ -122,14 +125,18 @@ class Evaluator:
         clip = self.clip_scores(images)
         summary = oracle_lib.summarize(results)
         per_item = [{"id": it["id"], "category": it["category"], "verdict": bool(r["verdict"]),
-                     "clip": round(float(c), 5)}
+                     "score": round(float(r["score"]), 5), "clip": round(float(c), 5)}
                     for it, r, c in zip(self.items, results, clip)]
         cats = {}
         for cat in dict.fromkeys(it["category"] for it in self.items):
             rows = [p for p in per_item if p["category"] == cat]
-            cats[cat] = {"n": len(rows), "oracle": float(np.mean([p["verdict"] for p in rows])),
-                         "clip": float(np.mean([p["clip"] for p in rows]))}
+            cats[cat] = {"n": len(rows), "score": float(np.mean([p["score"] for p in rows])),
+                         "oracle": float(np.mean([p["verdict"] for p in rows])),
+                         "clip": float(np.mean([p["clip"] for p in rows])),
+                         "boxes": oracle_lib.box_summary(
+                             [r for r, it in zip(results, self.items) if it["category"] == cat])}
         return {"items": per_item, "boxes": summary["boxes"], "categories": cats,
+                "score": float(np.mean([p["score"] for p in per_item])),
                 "oracle": float(np.mean([p["verdict"] for p in per_item])),
                 "clip": float(np.mean(clip))}
 
