@@ -300,6 +300,17 @@ def _bytes(tree) -> int:
                    for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _git_commit() -> str:
+    """The checkout's commit (+ "-dirty" with uncommitted changes): which code was compiled."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip()
+                   else "")
+
+
 def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
     """Traces, lowers and compiles ``job`` for its TPU topology; returns the JSONL record."""
     import jax
@@ -319,6 +330,7 @@ def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
         rec["libtpu"] = md.version("libtpu")
     except Exception:  # libtpu installed some other way
         rec["libtpu"] = "unknown"
+    rec["commit"] = _git_commit()
     start = time.perf_counter()
     with ops.target_platform("tpu"):
         if job.program == "train":

@@ -184,6 +184,29 @@ def test_remat_same_output_and_gradient(small):
     assert worst <= 1e-6 * max(scale, 1.0)
     # The decoder grad w.r.t. its input reaches DSAlign's U-Net path: it must be nonzero.
     assert float(jnp.abs(grad[1]).max()) > 0
+    # Rematerialised per layer: the mid block, every up-block resnet and every upsampler is one
+    # checkpoint (not nested in a per-block one), so one layer's activations are live at a time.
+    cfg = vae_remat.config
+    n_up = len(cfg.block_out_channels)
+    expected = 1 + n_up * (cfg.layers_per_block + 1) + (n_up - 1)
+
+    def checkpoints(jaxpr, inside=False):
+        """One entry per remat (jax.checkpoint) equation: whether it is inside another."""
+        found = []
+        for eqn in jaxpr.eqns:
+            is_ckpt = eqn.primitive.name.startswith(("remat", "checkpoint"))
+            if is_ckpt:
+                found.append(inside)
+            for v in eqn.params.values():
+                sub = getattr(v, "jaxpr", v)
+                if hasattr(sub, "eqns"):
+                    found += checkpoints(sub, inside or is_ckpt)
+        return found
+
+    jaxpr = jax.make_jaxpr(lambda p, z: vae_remat.apply({"params": p}, z, method="decode"))(
+        params, z).jaxpr
+    found = checkpoints(jaxpr)
+    assert (len(found), sum(found)) == (expected, 0)
 
 
 def test_bfloat16_close_to_float32(small):

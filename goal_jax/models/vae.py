@@ -279,11 +279,13 @@ class UNetMidBlock2D(nn.Module):
         return self.resnets[1](x)
 
 
-def _resnet_stack(block) -> list:
-    """``block.layers`` ResnetBlock2Ds (no time embedding): C_in -> C_out, then C_out -> C_out."""
+def _resnet_stack(block, remat: bool = False) -> list:
+    """``block.layers`` ResnetBlock2Ds (no time embedding): C_in -> C_out, then C_out -> C_out;
+    each in ``nn.remat`` when ``remat``."""
+    cls = nn.remat(ResnetBlock2D) if remat else ResnetBlock2D
     return [
-        ResnetBlock2D(block.in_channels if i == 0 else block.out_channels, block.out_channels,
-                      groups=block.groups, eps=1e-6, dtype=block.dtype)
+        cls(block.in_channels if i == 0 else block.out_channels, block.out_channels,
+            groups=block.groups, eps=1e-6, dtype=block.dtype)
         for i in range(block.layers)
     ]
 
@@ -314,7 +316,8 @@ class DownEncoderBlock2D(nn.Module):
 
 class UpDecoderBlock2D(nn.Module):
     """``layers`` resnets (C_in -> C_out, then C_out -> C_out) and, unless last, a nearest x2
-    ``upsamplers_0``. [B,H,W,C_in] -> [B,2H,2W,C_out]."""
+    ``upsamplers_0``. [B,H,W,C_in] -> [B,2H,2W,C_out]. ``remat`` wraps each resnet and the
+    upsampler in ``nn.remat`` (one layer's activations live at a time in the backward pass)."""
 
     in_channels: int
     out_channels: int
@@ -322,11 +325,13 @@ class UpDecoderBlock2D(nn.Module):
     groups: int
     add_upsample: bool
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
-        self.resnets = _resnet_stack(self)
+        self.resnets = _resnet_stack(self, self.remat)
         if self.add_upsample:
-            self.upsamplers = [Upsample2D(self.out_channels, dtype=self.dtype)]
+            up_cls = nn.remat(Upsample2D) if self.remat else Upsample2D
+            self.upsamplers = [up_cls(self.out_channels, dtype=self.dtype)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
@@ -367,8 +372,11 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latents [B,h,w,latent_channels] (after ``post_quant_conv``) -> image [B,h*f,w*f,C_out].
 
-    ``remat=True`` wraps the mid block and every up block in ``nn.remat`` (activations recomputed
-    in the backward pass; parameter names unchanged)."""
+    ``remat=True`` wraps the mid block, every resnet and every upsampler of the up blocks in
+    ``nn.remat`` (activations recomputed in the backward pass; parameter names unchanged). Per
+    layer rather than per up block: at 512x512 the last up block holds three 128-channel resnets
+    whose recomputed activations (each 512x512x128 per image) would all be live at once in that
+    block's backward pass; per layer only one resnet's are."""
 
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
@@ -379,12 +387,12 @@ class Decoder(nn.Module):
         chans = tuple(reversed(cfg.block_out_channels))
         g = cfg.norm_num_groups
         mid_cls = nn.remat(UNetMidBlock2D) if self.remat else UNetMidBlock2D
-        up_cls = nn.remat(UpDecoderBlock2D) if self.remat else UpDecoderBlock2D
         self.conv_in = conv3x3(chans[0], self.dtype, "conv_in")
         self.mid_block = mid_cls(chans[0], g, cfg.mid_block_add_attention, self.dtype)
         self.up_blocks = [
-            up_cls(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block + 1, g,
-                   add_upsample=i < len(chans) - 1, dtype=self.dtype)
+            UpDecoderBlock2D(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block + 1, g,
+                             add_upsample=i < len(chans) - 1, dtype=self.dtype,
+                             remat=self.remat)
             for i in range(len(chans))
         ]
         self.conv_norm_out = GroupNorm(num_groups=g, epsilon=1e-6, dtype=self.dtype)
