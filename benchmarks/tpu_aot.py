@@ -3,7 +3,7 @@
     make tpu-venv    # once: .venv-tpu with jax[tpu]==0.10.2 (libtpu 0.0.42.*) + goal_jax
     .venv-tpu/bin/python -m benchmarks.tpu_aot [--plan targets|all] [--size sd14|small|tiny]
         [--only CHIP/PROGRAM/VARIANT/PARAMS/BATCH_PER_CORE,...] [--jsonl benchmarks/tpu_aot.jsonl]
-        [--results benchmarks/RESULTS.md | --results none] [--list]
+        [--results benchmarks/RESULTS.md | --results none] [--list] [--report]
 
 libtpu builds TPU topologies without hardware (``jax.experimental.topologies``); a mesh over
 those devices, parameters / train state / batch as ``ShapeDtypeStruct``s (``jax.eval_shape``,
@@ -539,6 +539,8 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=RESULTS, help="RESULTS.md to update, or 'none'")
     p.add_argument("--list", action="store_true", help="print the jobs and their state, exit")
     p.add_argument("--force", action="store_true", help="recompile jobs already in the JSONL")
+    p.add_argument("--report", action="store_true",
+                   help="only rewrite --results from the JSONL's records (no compile)")
     args = p.parse_args(argv)
 
     plan = list(TARGET_JOBS) + ([] if args.plan == "targets" else list(MORE_JOBS))
@@ -551,6 +553,12 @@ def main(argv=None) -> None:
     if args.list:
         for j in jobs:
             print(f"{'done' if j.key in done else 'todo'}  {j.key}")
+        return
+    if args.report:
+        if args.results == "none":
+            raise SystemExit("tpu_aot: --report needs --results PATH")
+        write_results(args.results, records, plan, args.size)
+        print(f"tpu_aot: wrote {args.results} from {len(records)} records of {args.jsonl}")
         return
     print(f"tpu_aot: {len(jobs)} jobs, {len(jobs) - len(todo)} already in {args.jsonl}, "
           f"{len(todo)} to compile (size {args.size})", flush=True)

@@ -123,6 +123,19 @@ def test_out_of_memory_compile_is_a_measurement(tmp_path):
         [], "sd14")
     assert "| v2-8 | train | bf16_remat | fsdp | 2 | 16 | 1.00 | ≥ " in row
     assert "| **no** (XLA: out of HBM) |" in row
+    # --report rewrites the RESULTS block from the JSONL alone, compiling nothing
+    jsonl, md = tmp_path / "tpu.jsonl", tmp_path / "RESULTS.md"
+    jsonl.write_text(json.dumps(dict(
+        rec, kind="tpu_aot", size="sd14", chip="v2-8", program="train", variant="bf16_remat",
+        params="fsdp", per_core=2, batch=16, argument_bytes=2 ** 30,
+        peak_bytes=2 ** 30 + rec["temp_bytes"], budget_bytes=int(7.5 * 2 ** 30),
+        compile_s=321.0, jax="0.10.2", libtpu="0.0.42.1")) + "\n")
+    md.write_text("# R\n\n<!-- tpu-aot:begin -->\nold\n<!-- tpu-aot:end -->\n")
+    tpu_aot.main(["--report", "--jsonl", str(jsonl), "--results", str(md)])
+    text = md.read_text()
+    assert "old" not in text and text.count("| v2-8 | train | bf16_remat | fsdp | 2 | 16 |") == 1
+    assert "v2-8/train/bf16_remat/fsdp/2`:" not in text  # done, so not in the to-do list
+    assert "- `v5e-1/sample/bf16/replicated/1`:" in text
 
 
 def test_job_names_are_checked():
