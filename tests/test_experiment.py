@@ -4,7 +4,9 @@ The smoke run (two arms x one seed x three steps) runs on the shipped world
 (assets/shapes_world) when it is there, else on a smoke world built here with
 scripts/world.py :smoke (never skipped). Checked: results.json has every field for every
 arm x seed x category, the arms' configs are what they claim, RESULTS.md is regenerated
-from results.json alone, and a rerun resumes without training again.
+from results.json alone, and a rerun resumes without training again; a new session (empty
+workdir, the old --out) restores every run from results.json without training, keeps arms it
+was not asked for and drops mismatching ones.
 """
 
 from __future__ import annotations
@@ -189,3 +191,145 @@ def test_difference_standard_error():
     np.testing.assert_allclose(d["se"], np.sqrt(2 * 0.01 / 3))
     assert d["significant"] is True
     assert report.difference(report.stats([0.5]), b)["se"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Results that survive across sessions (persist.py): only <out> (git) is kept.
+# ----------------------------------------------------------------------------------------------
+
+
+def _session(smoke, tmp_path, name, extra=(), edit=None):
+    """Runs the smoke experiment again as a new session: a fresh, empty workdir and a copy of
+    the first run's --out (optionally edited by ``edit(results)``). -> (results, printed,
+    workdir, out)."""
+    from experiments.shapes_world import run
+
+    out, workdir = str(tmp_path / name / "out"), str(tmp_path / name / "work")
+    shutil.copytree(smoke["out"], out)
+    if edit is not None:
+        path = os.path.join(out, "results.json")
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        edit(results)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f)
+    argv = ["--world", smoke["argv"][1], "--workdir", workdir, "--out", out, "--size", "smoke",
+            *extra]
+    assert run.main(argv) == 0
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        return json.load(f), out, workdir
+
+
+def _same_run(a: dict, b: dict) -> None:
+    for key in ("arm", "seed", "config_string", "overrides", "train", "eval", "eval_items"):
+        assert a[key] == b[key], key
+
+
+def test_new_session_restores_every_run_without_training(smoke, tmp_path, capsys):
+    from experiments.shapes_world import persist
+
+    capsys.readouterr()
+    again, out, workdir = _session(smoke, tmp_path, "s2")
+    printed = capsys.readouterr().out
+    # Nothing trained or sampled: no run directory, no train.log, no reference samples.
+    assert "training " not in printed and not os.path.exists(os.path.join(workdir, "runs"))
+    assert not os.path.exists(os.path.join(workdir, "references"))
+    assert "loss scales restored" in printed
+    first = smoke["results"]
+    assert [(r["arm"], r["seed"]) for r in again["runs"]] == [("ldm_only", 0), ("goal", 0)]
+    for a, b in zip(first["runs"], again["runs"]):
+        _same_run(a, b)
+        assert b["restored_from"] == {"results": os.path.join(out, "results.json"),
+                                      "run_dir": a["run_dir"]}
+        assert a["overrides"]["data.source"] == "<workdir>/finetune"
+    for name in ("ground_truth", "base"):
+        assert {k: v for k, v in again["references"][name].items() if k != "restored_from"} \
+            == first["references"][name]
+    assert again["scales"] == first["scales"] and again["balance"] == first["balance"]
+    for key in ("train_s", "eval_s", "train_step_s_mean"):
+        assert again["timing"][key] == first["timing"][key]
+    # The pictures: the grid drawn from grid_images.npz is the same PNG.
+    old = persist.read_grid_images(os.path.join(smoke["out"], persist.GRID_IMAGES))
+    new = persist.read_grid_images(os.path.join(out, persist.GRID_IMAGES))
+    assert sorted(old) == sorted(new) == ["base", "goal__seed0", "ground_truth",
+                                          "layout_ids", "ldm_only__seed0"]
+    for k in old:
+        np.testing.assert_array_equal(old[k], new[k])
+    with open(os.path.join(smoke["out"], "grid.png"), "rb") as f1, \
+            open(os.path.join(out, "grid.png"), "rb") as f2:
+        assert f1.read() == f2.read()
+    md = [open(os.path.join(d, "RESULTS.md"), encoding="utf-8").read().splitlines()
+          for d in (smoke["out"], out)]
+    assert [x for x in md[0] if "--workdir" not in x] == [x for x in md[1] if "--workdir" not in x]
+
+
+def test_grid_images_hold_the_grid_layouts(smoke):
+    from experiments.shapes_world import persist, run
+
+    r = smoke["results"]
+    images = persist.read_grid_images(os.path.join(smoke["out"], persist.GRID_IMAGES))
+    pick = run.grid_indices(r["eval"]["layouts"])
+    assert list(images["layout_ids"]) == [r["eval"]["layouts"][i]["id"] for i in pick]
+    res = r["world"]["resolution"]
+    for key in ("ground_truth", "base", "ldm_only__seed0", "goal__seed0"):
+        assert images[key].dtype == np.uint8 and images[key].shape == (len(pick), res, res, 3)
+    # The stored rows are the run's own samples of those layouts.
+    run_dir = next(x["run_dir"] for x in r["runs"] if x["arm"] == "goal")
+    samples = np.load(os.path.join(run_dir, "samples.npz"))["images"]
+    np.testing.assert_array_equal(images["goal__seed0"], samples[pick])
+
+
+def test_other_arm_subset_keeps_the_old_arms(smoke, tmp_path, capsys):
+    capsys.readouterr()
+    again, out, workdir = _session(smoke, tmp_path, "subset", ["--arms", "goal"])
+    printed = capsys.readouterr().out
+    assert f"kept ldm_only seed 0 from {os.path.join(out, 'results.json')}" in printed
+    assert "training " not in printed
+    assert again["invocation"] == {"arms": ["goal"], "seeds": [0]}
+    assert again["size"]["arms"] == ["ldm_only", "goal"] and sorted(again["arms"]) == \
+        ["goal", "ldm_only"]
+    assert [(r["arm"], r["seed"]) for r in again["runs"]] == [("ldm_only", 0), ("goal", 0)]
+    for a, b in zip(smoke["results"]["runs"], again["runs"]):
+        _same_run(a, b)
+    assert again["commands"][0] == smoke["results"]["command"] and len(again["commands"]) == 2
+
+
+def test_mismatching_old_run_is_dropped_with_its_reason(smoke, tmp_path, capsys):
+    def edit(results):
+        results["runs"][0]["overrides"]["train.optimizer.learning_rate"] = 0.5
+
+    capsys.readouterr()
+    again, out, _ = _session(smoke, tmp_path, "drop", ["--arms", "goal"], edit)
+    printed = capsys.readouterr().out
+    assert (f"dropped ldm_only seed 0 of {os.path.join(out, 'results.json')}: config overrides "
+            "differ (train.optimizer.learning_rate: 0.5 -> 0.0001)") in printed
+    assert [(r["arm"], r["seed"]) for r in again["runs"]] == [("goal", 0)]
+    assert sorted(again["arms"]) == ["goal"]
+
+
+def test_results_json_without_fingerprint_is_restored_by_path(smoke, tmp_path, capsys):
+    """A results.json written before runs recorded their overrides and the world its
+    fingerprint (the first full run's) is still restored: the overrides come from the arm's
+    config with the run's seed, the world is matched by its path."""
+    def edit(results):
+        del results["world"]["fingerprint"], results["workdir"]
+        for r in results["runs"]:
+            del r["overrides"], r["config_string"]
+
+    capsys.readouterr()
+    again, _, workdir = _session(smoke, tmp_path, "legacy", (), edit)
+    printed = capsys.readouterr().out
+    assert "training " not in printed and not os.path.exists(os.path.join(workdir, "runs"))
+    assert "world matched by path" in printed
+    for a, b in zip(smoke["results"]["runs"], again["runs"]):
+        _same_run(a, b)
+
+
+def test_portable_overrides():
+    from experiments.shapes_world import persist
+
+    got = persist.portable({"a": "/w/world/pipeline", "b": "/tmp/work/tfds", "c": "/repo/x",
+                            "d": "/elsewhere", "e": 3, "f": "/tmp/workdir2"},
+                           "/w/world", "/tmp/work", "/repo")
+    assert got == {"a": "<world>/pipeline", "b": "<workdir>/tfds", "c": "<repo>/x",
+                   "d": "/elsewhere", "e": 3, "f": "/tmp/workdir2"}

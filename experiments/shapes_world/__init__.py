@@ -15,5 +15,6 @@ Modules (one job each):
 * :mod:`.scales`    the scale of every loss term (value and gradient norm) at the base world.
 * :mod:`.evaluate`  sampling of every run and scoring with the oracle and the world CLIP.
 * :mod:`.report`    results.json -> RESULTS.md (tables, picture grid, loss curves).
+* :mod:`.persist`   restoring finished runs from a previous results.json (across sessions).
 * :mod:`.run`       the driver: resumable, progress with ETA over the whole experiment.
 """
