@@ -6,7 +6,7 @@ scripts/world.py :smoke (never skipped). Checked: results.json has every field f
 arm x seed x category, the arms' configs are what they claim, RESULTS.md is regenerated
 from results.json alone, and a rerun resumes without training again; a new session (empty
 workdir, the old --out) restores every run from results.json without training, keeps arms it
-was not asked for and drops mismatching ones.
+was not asked for and drops mismatching ones; the attention figure's numbers.
 """
 
 from __future__ import annotations
@@ -246,6 +246,7 @@ def test_new_session_restores_every_run_without_training(smoke, tmp_path, capsys
         assert {k: v for k, v in again["references"][name].items() if k != "restored_from"} \
             == first["references"][name]
     assert again["scales"] == first["scales"] and again["balance"] == first["balance"]
+    assert again["attention"] == first["attention"]
     for key in ("train_s", "eval_s", "train_step_s_mean"):
         assert again["timing"][key] == first["timing"][key]
     # The pictures: the grid drawn from grid_images.npz is the same PNG.
@@ -333,3 +334,69 @@ def test_portable_overrides():
                            "/w/world", "/tmp/work", "/repo")
     assert got == {"a": "<world>/pipeline", "b": "<workdir>/tfds", "c": "<repo>/x",
                    "d": "/elsewhere", "e": 3, "f": "/tmp/workdir2"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention maps per phrase (attention.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def test_in_box_fraction_known_answers():
+    from experiments.shapes_world import attention
+    from goal_jax import objectives
+
+    mask = np.asarray(objectives.box_masks(np.asarray([0.0, 0.0, 0.5, 0.5], np.float32), 8, 8))
+    assert mask.sum() == 16
+    maps = np.stack([mask, 1.0 - mask, np.ones((8, 8)), 3.0 * mask + (1.0 - mask),
+                     np.zeros((8, 8))])
+    got = attention.in_box_fraction(maps, mask)
+    np.testing.assert_allclose(got[:4], [1.0, 0.0, 0.25, 48 / 96])
+    assert np.isnan(got[4])
+    item = {"phrases": ["a", "b"], "boxes": [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]}
+    inside = np.stack([mask, mask[::-1, ::-1]])[None]  # each map exactly its own box
+    s = attention.summarize(inside, [item])
+    assert s["in_box"] == 1.0 and s["chance"] == 0.25 and s["per_phrase"] == [[1.0, 1.0]]
+    s = attention.summarize(np.ones((1, 2, 8, 8)), [item])
+    assert s["in_box"] == 0.25 == s["chance"]
+
+
+def test_attention_layouts_two_object_colour_and_shape():
+    from experiments.shapes_world import attention
+
+    items = [{"id": f"{c}{k}", "category": c, "phrases": ["p"] * n}
+             for c, n in (("color", 2), ("shape", 2), ("spatial", 2)) for k in range(3)]
+    items.append({"id": "color9", "category": "color", "phrases": ["p"]})
+    got = attention.pick_layouts(items, [it["id"] for it in items if it["id"] != "shape0"], 4)
+    assert [items[i]["id"] for i in got] == ["color0", "shape1", "color1", "shape2"]
+
+
+def test_smoke_run_writes_attention_figure_and_numbers(smoke):
+    from experiments.shapes_world import attention
+    from goal_jax import objectives
+
+    r = smoke["results"]
+    att = r["attention"]
+    assert att["t"] == 500 and att["draws"] == 4 and att["picture"] == "attention.png"
+    assert att["layer"] == {"part": "up", "resolution": r["world"]["maa_resolution"]}
+    assert att["layouts"] == ["eval-color-000", "eval-shape-000"]  # 1 layout per category
+    assert [m["label"] for m in att["models"]] == ["base world", "ldm_only seed 0",
+                                                  "goal seed 0"]
+    g = r["world"]["maa_resolution"]
+    layouts = {x["id"]: x for x in r["eval"]["layouts"]}
+    for m in att["models"]:
+        maps = np.asarray(m["maps"])
+        assert maps.shape == (2, 2, g, g) and (maps >= 0).all() and maps.sum() > 0
+        # The stored numbers are the in-box fractions of the stored maps.
+        for li, lid in enumerate(att["layouts"]):
+            boxes = np.asarray(layouts[lid]["boxes"], np.float32)
+            np.testing.assert_allclose(m["per_phrase"][li], attention.in_box_fraction(
+                maps[li], np.asarray(objectives.box_masks(boxes, g, g))), rtol=1e-12)
+        assert 0.0 <= m["in_box"] <= 1.0 and 0.0 < m["chance"] < 1.0
+        np.testing.assert_allclose(m["in_box"], np.mean(m["per_phrase"]))
+    assert att["models"][1]["final"] == r["runs"][0]["train"]["final"]
+    assert os.path.getsize(os.path.join(smoke["out"], "attention.png")) > 10_000
+    with open(os.path.join(smoke["out"], "RESULTS.md"), encoding="utf-8") as f:
+        md = f.read()
+    for m in att["models"]:
+        assert f"| {m['label']} | {100 * m['in_box']:.1f} | {100 * m['chance']:.1f} |" in md
+    assert "![attention maps](attention.png)" in md

@@ -16,5 +16,6 @@ Modules (one job each):
 * :mod:`.evaluate`  sampling of every run and scoring with the oracle and the world CLIP.
 * :mod:`.report`    results.json -> RESULTS.md (tables, picture grid, loss curves).
 * :mod:`.persist`   restoring finished runs from a previous results.json (across sessions).
+* :mod:`.attention` MAAlign's cross-attention maps per phrase (the paper's Figure 4).
 * :mod:`.run`       the driver: resumable, progress with ETA over the whole experiment.
 """

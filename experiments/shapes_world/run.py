@@ -16,7 +16,9 @@ What it does, in order (every step is skipped when its output exists and matches
    seed<k>``: checkpoints, metrics.jsonl, train.log; an interrupted run resumes from its
    checkpoint), then samples and scores it (``eval.json``, ``samples.npz``);
 5. writes ``<out>/grid.png`` and ``<out>/grid_images.npz`` (the grid's images per row);
-6. writes ``<out>/results.json`` (after every step), ``<out>/loss_curves.png`` and
+6. the attention maps per phrase (attention.py: ``<out>/attention.png`` and
+   ``results["attention"]``) of the base world, ldm_only and the best GOAL arm;
+7. writes ``<out>/results.json`` (after every step), ``<out>/loss_curves.png`` and
    ``<out>/RESULTS.md`` (report.py, from results.json alone).
 
 Across sessions (persist.py): a run, the loss scales and the references whose workdir files
@@ -574,6 +576,18 @@ def run(args) -> dict:
     grid_picture(os.path.join(out, results["pictures"]["grid"]), items,
                  [(label, stored[key]) for label, key in rows if key in stored])
 
+    # 6. attention maps per phrase (MAAlign's layer) for the base world, LDM-only and the
+    # best GOAL arm (seed-0 checkpoints); skipped when results.json holds them
+    if args.attention_layouts:
+        from experiments.shapes_world import attention as attention_lib
+
+        found = attention_lib.for_experiment(
+            results, items, world, stored, out, workdir,
+            previous.results.get("attention") if previous.results and common is None else None,
+            num_layouts=args.attention_layouts, timestep=args.attention_t)
+        if found is not None:
+            results["attention"] = found
+            results["pictures"]["attention"] = found["picture"]
     save()
     md, png = report.write(results_path)
     print(f"[experiment] done: {results_path}, {md}, {png}", flush=True)
@@ -597,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_devices", type=int, default=1,
                    help="devices per training run (config num_devices)")
     p.add_argument("--eval_batch_size", type=int, default=32, help="images per sampler call")
+    p.add_argument("--attention_layouts", type=int, default=4,
+                   help="two-object colour / shape layouts of the attention figure (0: none)")
+    p.add_argument("--attention_t", type=int, default=500,
+                   help="diffusion timestep of the attention maps")
     return p
 
 
