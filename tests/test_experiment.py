@@ -6,7 +6,8 @@ scripts/world.py :smoke (never skipped). Checked: results.json has every field f
 arm x seed x category, the arms' configs are what they claim, RESULTS.md is regenerated
 from results.json alone, and a rerun resumes without training again; a new session (empty
 workdir, the old --out) restores every run from results.json without training, keeps arms it
-was not asked for and drops mismatching ones; the attention figure's numbers.
+was not asked for and drops mismatching ones; the attention figure's numbers; the export of
+the GOAL arm as a diffusers pipeline folder, and the demo on it.
 """
 
 from __future__ import annotations
@@ -400,3 +401,126 @@ def test_smoke_run_writes_attention_figure_and_numbers(smoke):
     for m in att["models"]:
         assert f"| {m['label']} | {100 * m['in_box']:.1f} | {100 * m['chance']:.1f} |" in md
     assert "![attention maps](attention.png)" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipping a GOAL arm (export.py) and the demo on it.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(smoke, tmp_path_factory):
+    from experiments.shapes_world import export
+
+    out = str(tmp_path_factory.mktemp("ship") / "goal")
+    assert export.main(["--results", os.path.join(smoke["out"], "results.json"),
+                        "--workdir", smoke["workdir"], "--out", out]) == 0
+    with open(os.path.join(out, "goal.json"), encoding="utf-8") as f:
+        return {"out": out, "record": json.load(f)}
+
+
+def test_best_goal_arm_and_seed():
+    from experiments.shapes_world import export, report
+
+    def run(arm, seed, oracle):
+        return {"arm": arm, "seed": seed, "eval": {"oracle": oracle}}
+
+    results = {"arms": {"ldm_only": {"config": {"train.alpha": 0.0, "train.beta": 0.0}},
+                        "goal": {"config": {"train.alpha": 0.01, "train.beta": 0.001}},
+                        "no_dsalign": {"config": {"train.alpha": 0.0, "train.beta": 0.001}}},
+               "runs": [run("ldm_only", 0, 0.9), run("goal", 0, 0.5), run("goal", 1, 0.7),
+                        run("no_dsalign", 0, 0.4), run("no_dsalign", 1, 0.9),
+                        run("no_dsalign", 2, 0.9)]}
+    assert report.goal_family(results) == ["goal", "no_dsalign"]
+    assert report.best_goal_arm(results) == "no_dsalign"  # mean 0.733 > 0.6; ldm_only is not GOAL
+    assert report.best_seed(results, "no_dsalign") == 1  # tie 0.9: the lower seed
+    assert export.choose_run(results) == ("no_dsalign", 1)
+    assert export.choose_run(results, "goal") == ("goal", 1)
+    with pytest.raises(ValueError, match="no evaluated run goal seed 5"):
+        export.choose_run(results, "goal", 5)
+
+
+def test_export_folder_holds_the_checkpoint_unet_and_base_parts(smoke, exported):
+    from flax import traverse_util
+
+    from goal_jax import checkpoints, train, weights
+
+    rec, out = exported["record"], exported["out"]
+    assert (rec["arm"], rec["seed"]) == ("goal", 0) and rec["chosen_by"].startswith("default")
+    assert rec["checkpoint"]["step"] == 3 and rec["experiment_command"] == \
+        smoke["results"]["command"]
+    goal_run = next(x for x in smoke["results"]["runs"] if x["arm"] == "goal")
+    assert rec["scores"]["run"]["oracle"] == goal_run["eval"]["oracle"]
+    assert rec["overrides"] == goal_run["overrides"] and (rec["alpha"], rec["beta"]) == \
+        (0.01, 0.001)
+    base_dir = os.path.join(smoke["argv"][1], "pipeline")
+    files = sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out)
+                   for f in fs)
+    assert all(f.endswith((".json", ".safetensors", ".txt")) for f in files), files
+    for f in files:  # every part but the U-Net weights and goal.json: the base's bytes
+        assert not os.path.islink(os.path.join(out, f))
+        if f in ("goal.json", "unet/diffusion_pytorch_model.safetensors"):
+            continue
+        with open(os.path.join(out, f), "rb") as a, open(os.path.join(base_dir, f), "rb") as b:
+            assert a.read() == b.read(), f
+    base = weights.load_pipeline(base_dir)
+    shipped = weights.load_pipeline(out)
+    manager = checkpoints.CheckpointManager(
+        os.path.join(smoke["workdir"], "runs", "goal", "seed0", "checkpoints"), async_save=False)
+    trained = traverse_util.flatten_dict(dict(manager.restore_params(manager.resolve_step(None))))
+    manager.close()
+    mask = train.trainable_mask(base.unet_params, train.PAPER_TRAINABLE)
+    flat_base = traverse_util.flatten_dict(dict(base.unet_params))
+    flat_ship = traverse_util.flatten_dict(dict(shipped.unet_params))
+    assert flat_ship.keys() == flat_base.keys()
+    assert {k for k in flat_base if mask["/".join(k)]} == set(trained)
+    changed = 0
+    for k, v in flat_ship.items():
+        want = trained[k] if k in trained else flat_base[k]
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(want), err_msg="/".join(k))
+        changed += k in trained and not np.array_equal(np.asarray(v), np.asarray(flat_base[k]))
+    assert changed > 0  # the fine-tuned leaves, not the base's
+
+
+def test_export_loads_in_diffusers(exported):
+    import diffusers
+    from safetensors.numpy import load_file
+
+    out = exported["out"]
+    pipe = diffusers.StableDiffusionGLIGENPipeline.from_pretrained(
+        out, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    state = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    torch_state = pipe.unet.state_dict()
+    assert set(state) == set(torch_state)
+    for k in state:
+        np.testing.assert_array_equal(torch_state[k].numpy(), state[k], err_msg=k)
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    img = pipe(prompt="a red circle and a blue square",
+               gligen_phrases=["a red circle", "a blue square"],
+               gligen_boxes=[[0.08, 0.30, 0.42, 0.64], [0.58, 0.30, 0.92, 0.64]],
+               num_inference_steps=2, height=size, width=size, output_type="np").images
+    assert img.shape == (1, size, size, 3) and np.isfinite(img).all()
+
+
+def test_export_refuses_an_existing_folder(smoke, exported, capsys):
+    from experiments.shapes_world import export
+
+    assert export.main(["--results", os.path.join(smoke["out"], "results.json"),
+                        "--workdir", smoke["workdir"], "--out", exported["out"]]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_demo_on_the_shipped_goal_pipeline_does_not_train(exported, tmp_path):
+    work = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--workdir", str(work),
+         "--goal", exported["out"], "--layouts", "2", "--steps", "2"],
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no fine-tuning" in result.stdout and "scripts/train.py" not in result.stdout
+    assert not (work / "train").exists()
+    assert f"--pretrained {exported['out']}" in result.stdout  # sample.py on the folder itself
+    scores = json.loads((work / "scores.json").read_text())
+    assert sorted(scores) == ["GOAL shipped", "base world"]
+    assert len(list((work / "goal").glob("*_boxes.png"))) == 2
+    assert (work / "demo.png").stat().st_size > 0

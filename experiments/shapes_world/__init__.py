@@ -18,4 +18,5 @@ Modules (one job each):
 * :mod:`.persist`   restoring finished runs from a previous results.json (across sessions).
 * :mod:`.attention` MAAlign's cross-attention maps per phrase (the paper's Figure 4).
 * :mod:`.run`       the driver: resumable, progress with ETA over the whole experiment.
+* :mod:`.export`    a run's fine-tuned U-Net as a complete diffusers GLIGEN pipeline folder.
 """
