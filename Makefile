@@ -17,7 +17,7 @@ TPU_VENV ?= .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: test test-fast lint chromium install clean demo world tpu-venv tpu-aot
+.PHONY: test test-fast lint chromium install clean demo demo-goal world tpu-venv tpu-aot
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,11 @@ tpu-aot: $(TPU_STAMP)
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
 	$(PY) scripts/demo.py --workdir $(DEMO_DIR)
+
+# Base world vs the shipped GOAL fine-tune (assets/shapes_world/goal, written by
+# experiments.shapes_world.export): no training, sampling and scoring only.
+demo-goal: $(STAMP)
+	$(PY) scripts/demo.py --workdir $(DEMO_DIR)-goal --goal assets/shapes_world/goal
 
 # The shapes world itself, trained from scratch (about 90 minutes on 2 CPU cores; resumable:
 # rerun to continue). Writes assets/shapes_world/{pipeline,clip,world.json,world_samples.png}.

@@ -11,6 +11,12 @@
    ``<workdir>/scores.json``, and prints the scores side by side.
 
 Rerunning skips what is done (training resumes from its checkpoint, sampled items are kept).
+
+With ``--goal FOLDER`` (a shipped GOAL pipeline, e.g. ``assets/shapes_world/goal`` written by
+``python -m experiments.shapes_world.export``) step 1 is skipped: the GOAL row is sampled
+from that pipeline folder (``scripts/sample.py --pretrained FOLDER``), no training::
+
+    python scripts/demo.py --workdir runs/demo-goal --goal assets/shapes_world/goal
 """
 
 from __future__ import annotations
@@ -45,11 +51,19 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=1.0, help="scheduled sampling fraction")
     p.add_argument("--train_args", nargs="*", default=[],
                    help="extra scripts/train.py flags, e.g. --config.train.steps=20")
+    p.add_argument("--goal", default=None,
+                   help="a shipped GOAL pipeline folder (experiments.shapes_world.export): "
+                        "sample it instead of fine-tuning")
     args = p.parse_args(argv)
     pipeline = os.path.join(WORLD, "pipeline")
     if not os.path.isdir(pipeline):
         print(f"demo: the shapes world is missing ({pipeline}); it ships with the repository "
               "(`git checkout assets/`), or train it with `make world`", file=sys.stderr)
+        return 2
+    if args.goal is not None and not os.path.isfile(os.path.join(args.goal,
+                                                                 "model_index.json")):
+        print(f"demo: --goal {args.goal} is not a pipeline folder (no model_index.json); ship "
+              "one with `python -m experiments.shapes_world.export`", file=sys.stderr)
         return 2
     os.makedirs(args.workdir, exist_ok=True)
     from goal_jax.world import evaluate as world_eval
@@ -60,17 +74,30 @@ def main(argv=None) -> int:
         f.writelines(json.dumps({k: x[k] for k in ("id", "caption", "phrases", "boxes", "seed")})
                      + "\n" for x in layouts)
     py = sys.executable
-    train_dir = os.path.join(args.workdir, "train")
-    _run([py, os.path.join(REPO, "scripts", "train.py"),
-          "--config", os.path.join(REPO, "configs", "goal.py") + ":world",
-          "--workdir", train_dir, *args.train_args])
-    sample = [py, os.path.join(REPO, "scripts", "sample.py"), "--pretrained", pipeline,
-              "--jsonl", jsonl, "--steps", str(args.steps), "--cfg", str(args.cfg),
-              "--beta", str(args.beta), "--batch_size", str(args.layouts), "--no_progress"]
+    options = ["--jsonl", jsonl, "--steps", str(args.steps), "--cfg", str(args.cfg),
+               "--beta", str(args.beta), "--batch_size", str(args.layouts), "--no_progress"]
+    sample = [py, os.path.join(REPO, "scripts", "sample.py")]
     base_dir, goal_dir = (os.path.join(args.workdir, k) for k in ("base", "goal"))
-    _run(sample + ["--output_dir", base_dir])
-    _run(sample + ["--checkpoint", os.path.join(train_dir, "checkpoints"),
-                   "--output_dir", goal_dir])
+    goal_label = row_label = "GOAL fine-tuned"
+    if args.goal is None:
+        train_dir = os.path.join(args.workdir, "train")
+        _run([py, os.path.join(REPO, "scripts", "train.py"),
+              "--config", os.path.join(REPO, "configs", "goal.py") + ":world",
+              "--workdir", train_dir, *args.train_args])
+        goal_cmd = ["--pretrained", pipeline, "--checkpoint",
+                    os.path.join(train_dir, "checkpoints")]
+    else:
+        goal_cmd = ["--pretrained", args.goal]
+        goal_label = row_label = "GOAL shipped"
+        meta = os.path.join(args.goal, "goal.json")
+        if os.path.isfile(meta):
+            with open(meta, encoding="utf-8") as f:
+                shipped = json.load(f)
+            row_label = f"GOAL shipped\n({shipped['arm']},\nseed {shipped['seed']})"
+        print(f"demo: no fine-tuning; the GOAL row is the shipped pipeline {args.goal}",
+              flush=True)
+    _run(sample + ["--pretrained", pipeline] + options + ["--output_dir", base_dir])
+    _run(sample + goal_cmd + options + ["--output_dir", goal_dir])
 
     import numpy as np
 
@@ -78,16 +105,16 @@ def main(argv=None) -> int:
 
     oracle = oracle_lib.Oracle.load()
     scores, rows = {}, []
-    for label, folder in (("base world", base_dir), ("GOAL fine-tuned", goal_dir)):
+    for label, folder in (("base world", base_dir), (goal_label, goal_dir)):
         images, items, _ = oracle_lib.read_folder(folder)
         by_id = {it["id"]: img for it, img in zip(items, images)}
         images = [by_id[x["id"]] for x in layouts]
         scores[label] = world_eval.score(images, layouts, oracle)["summary"]
-        rows.append((label, np.stack(images)))
+        rows.append((row_label if label == goal_label else label, np.stack(images)))
     picture = world_eval.layout_grid(rows, layouts, os.path.join(args.workdir, "demo.png"))
     with open(os.path.join(args.workdir, "scores.json"), "w", encoding="utf-8") as f:
         json.dump(scores, f, indent=2)
-    print(f"\n{'oracle (pixels only)':28s} {'base world':>12s} {'GOAL fine-tuned':>16s}")
+    print(f"\n{'oracle (pixels only)':28s} {'base world':>12s} {'GOAL':>16s}")
     for key, label in (("present", "object in box"), ("color_in_box", "named colour in box"),
                        ("shape", "shape right"), ("texture", "texture right"),
                        ("iou", "IoU with box")):

@@ -4,7 +4,10 @@ The smoke run (two arms x one seed x three steps) runs on the shipped world
 (assets/shapes_world) when it is there, else on a smoke world built here with
 scripts/world.py :smoke (never skipped). Checked: results.json has every field for every
 arm x seed x category, the arms' configs are what they claim, RESULTS.md is regenerated
-from results.json alone, and a rerun resumes without training again.
+from results.json alone, and a rerun resumes without training again; a new session (empty
+workdir, the old --out) restores every run from results.json without training, keeps arms it
+was not asked for and drops mismatching ones; the attention figure's numbers; the export of
+the GOAL arm as a diffusers pipeline folder, and the demo on it.
 """
 
 from __future__ import annotations
@@ -189,3 +192,335 @@ def test_difference_standard_error():
     np.testing.assert_allclose(d["se"], np.sqrt(2 * 0.01 / 3))
     assert d["significant"] is True
     assert report.difference(report.stats([0.5]), b)["se"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Results that survive across sessions (persist.py): only <out> (git) is kept.
+# ----------------------------------------------------------------------------------------------
+
+
+def _session(smoke, tmp_path, name, extra=(), edit=None):
+    """Runs the smoke experiment again as a new session: a fresh, empty workdir and a copy of
+    the first run's --out (optionally edited by ``edit(results)``). -> (results, printed,
+    workdir, out)."""
+    from experiments.shapes_world import run
+
+    out, workdir = str(tmp_path / name / "out"), str(tmp_path / name / "work")
+    shutil.copytree(smoke["out"], out)
+    if edit is not None:
+        path = os.path.join(out, "results.json")
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        edit(results)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f)
+    argv = ["--world", smoke["argv"][1], "--workdir", workdir, "--out", out, "--size", "smoke",
+            *extra]
+    assert run.main(argv) == 0
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        return json.load(f), out, workdir
+
+
+def _same_run(a: dict, b: dict) -> None:
+    for key in ("arm", "seed", "config_string", "overrides", "train", "eval", "eval_items"):
+        assert a[key] == b[key], key
+
+
+def test_new_session_restores_every_run_without_training(smoke, tmp_path, capsys):
+    from experiments.shapes_world import persist
+
+    capsys.readouterr()
+    again, out, workdir = _session(smoke, tmp_path, "s2")
+    printed = capsys.readouterr().out
+    # Nothing trained or sampled: no run directory, no train.log, no reference samples.
+    assert "training " not in printed and not os.path.exists(os.path.join(workdir, "runs"))
+    assert not os.path.exists(os.path.join(workdir, "references"))
+    assert "loss scales restored" in printed
+    first = smoke["results"]
+    assert [(r["arm"], r["seed"]) for r in again["runs"]] == [("ldm_only", 0), ("goal", 0)]
+    for a, b in zip(first["runs"], again["runs"]):
+        _same_run(a, b)
+        assert b["restored_from"] == {"results": os.path.join(out, "results.json"),
+                                      "run_dir": a["run_dir"]}
+        assert a["overrides"]["data.source"] == "<workdir>/finetune"
+    for name in ("ground_truth", "base"):
+        assert {k: v for k, v in again["references"][name].items() if k != "restored_from"} \
+            == first["references"][name]
+    assert again["scales"] == first["scales"] and again["balance"] == first["balance"]
+    assert again["attention"] == first["attention"]
+    for key in ("train_s", "eval_s", "train_step_s_mean"):
+        assert again["timing"][key] == first["timing"][key]
+    # The pictures: the grid drawn from grid_images.npz is the same PNG.
+    old = persist.read_grid_images(os.path.join(smoke["out"], persist.GRID_IMAGES))
+    new = persist.read_grid_images(os.path.join(out, persist.GRID_IMAGES))
+    assert sorted(old) == sorted(new) == ["base", "goal__seed0", "ground_truth",
+                                          "layout_ids", "ldm_only__seed0"]
+    for k in old:
+        np.testing.assert_array_equal(old[k], new[k])
+    with open(os.path.join(smoke["out"], "grid.png"), "rb") as f1, \
+            open(os.path.join(out, "grid.png"), "rb") as f2:
+        assert f1.read() == f2.read()
+    md = [open(os.path.join(d, "RESULTS.md"), encoding="utf-8").read().splitlines()
+          for d in (smoke["out"], out)]
+    assert [x for x in md[0] if "--workdir" not in x] == [x for x in md[1] if "--workdir" not in x]
+
+
+def test_grid_images_hold_the_grid_layouts(smoke):
+    from experiments.shapes_world import persist, run
+
+    r = smoke["results"]
+    images = persist.read_grid_images(os.path.join(smoke["out"], persist.GRID_IMAGES))
+    pick = run.grid_indices(r["eval"]["layouts"])
+    assert list(images["layout_ids"]) == [r["eval"]["layouts"][i]["id"] for i in pick]
+    res = r["world"]["resolution"]
+    for key in ("ground_truth", "base", "ldm_only__seed0", "goal__seed0"):
+        assert images[key].dtype == np.uint8 and images[key].shape == (len(pick), res, res, 3)
+    # The stored rows are the run's own samples of those layouts.
+    run_dir = next(x["run_dir"] for x in r["runs"] if x["arm"] == "goal")
+    samples = np.load(os.path.join(run_dir, "samples.npz"))["images"]
+    np.testing.assert_array_equal(images["goal__seed0"], samples[pick])
+
+
+def test_other_arm_subset_keeps_the_old_arms(smoke, tmp_path, capsys):
+    capsys.readouterr()
+    again, out, workdir = _session(smoke, tmp_path, "subset", ["--arms", "goal"])
+    printed = capsys.readouterr().out
+    assert f"kept ldm_only seed 0 from {os.path.join(out, 'results.json')}" in printed
+    assert "training " not in printed
+    assert again["invocation"] == {"arms": ["goal"], "seeds": [0]}
+    assert again["size"]["arms"] == ["ldm_only", "goal"] and sorted(again["arms"]) == \
+        ["goal", "ldm_only"]
+    assert [(r["arm"], r["seed"]) for r in again["runs"]] == [("ldm_only", 0), ("goal", 0)]
+    for a, b in zip(smoke["results"]["runs"], again["runs"]):
+        _same_run(a, b)
+    assert again["commands"][0] == smoke["results"]["command"] and len(again["commands"]) == 2
+
+
+def test_mismatching_old_run_is_dropped_with_its_reason(smoke, tmp_path, capsys):
+    def edit(results):
+        results["runs"][0]["overrides"]["train.optimizer.learning_rate"] = 0.5
+
+    capsys.readouterr()
+    again, out, _ = _session(smoke, tmp_path, "drop", ["--arms", "goal"], edit)
+    printed = capsys.readouterr().out
+    assert (f"dropped ldm_only seed 0 of {os.path.join(out, 'results.json')}: config overrides "
+            "differ (train.optimizer.learning_rate: 0.5 -> 0.0001)") in printed
+    assert [(r["arm"], r["seed"]) for r in again["runs"]] == [("goal", 0)]
+    assert sorted(again["arms"]) == ["goal"]
+
+
+def test_results_json_without_fingerprint_is_restored_by_path(smoke, tmp_path, capsys):
+    """A results.json written before runs recorded their overrides and the world its
+    fingerprint (the first full run's) is still restored: the overrides come from the arm's
+    config with the run's seed, the world is matched by its path."""
+    def edit(results):
+        del results["world"]["fingerprint"], results["workdir"]
+        for r in results["runs"]:
+            del r["overrides"], r["config_string"]
+
+    capsys.readouterr()
+    again, _, workdir = _session(smoke, tmp_path, "legacy", (), edit)
+    printed = capsys.readouterr().out
+    assert "training " not in printed and not os.path.exists(os.path.join(workdir, "runs"))
+    assert "world matched by path" in printed
+    for a, b in zip(smoke["results"]["runs"], again["runs"]):
+        _same_run(a, b)
+
+
+def test_portable_overrides():
+    from experiments.shapes_world import persist
+
+    got = persist.portable({"a": "/w/world/pipeline", "b": "/tmp/work/tfds", "c": "/repo/x",
+                            "d": "/elsewhere", "e": 3, "f": "/tmp/workdir2"},
+                           "/w/world", "/tmp/work", "/repo")
+    assert got == {"a": "<world>/pipeline", "b": "<workdir>/tfds", "c": "<repo>/x",
+                   "d": "/elsewhere", "e": 3, "f": "/tmp/workdir2"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention maps per phrase (attention.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def test_in_box_fraction_known_answers():
+    from experiments.shapes_world import attention
+    from goal_jax import objectives
+
+    mask = np.asarray(objectives.box_masks(np.asarray([0.0, 0.0, 0.5, 0.5], np.float32), 8, 8))
+    assert mask.sum() == 16
+    maps = np.stack([mask, 1.0 - mask, np.ones((8, 8)), 3.0 * mask + (1.0 - mask),
+                     np.zeros((8, 8))])
+    got = attention.in_box_fraction(maps, mask)
+    np.testing.assert_allclose(got[:4], [1.0, 0.0, 0.25, 48 / 96])
+    assert np.isnan(got[4])
+    item = {"phrases": ["a", "b"], "boxes": [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]}
+    inside = np.stack([mask, mask[::-1, ::-1]])[None]  # each map exactly its own box
+    s = attention.summarize(inside, [item])
+    assert s["in_box"] == 1.0 and s["chance"] == 0.25 and s["per_phrase"] == [[1.0, 1.0]]
+    s = attention.summarize(np.ones((1, 2, 8, 8)), [item])
+    assert s["in_box"] == 0.25 == s["chance"]
+
+
+def test_attention_layouts_two_object_colour_and_shape():
+    from experiments.shapes_world import attention
+
+    items = [{"id": f"{c}{k}", "category": c, "phrases": ["p"] * n}
+             for c, n in (("color", 2), ("shape", 2), ("spatial", 2)) for k in range(3)]
+    items.append({"id": "color9", "category": "color", "phrases": ["p"]})
+    got = attention.pick_layouts(items, [it["id"] for it in items if it["id"] != "shape0"], 4)
+    assert [items[i]["id"] for i in got] == ["color0", "shape1", "color1", "shape2"]
+
+
+def test_smoke_run_writes_attention_figure_and_numbers(smoke):
+    from experiments.shapes_world import attention
+    from goal_jax import objectives
+
+    r = smoke["results"]
+    att = r["attention"]
+    assert att["t"] == 500 and att["draws"] == 4 and att["picture"] == "attention.png"
+    assert att["layer"] == {"part": "up", "resolution": r["world"]["maa_resolution"]}
+    assert att["layouts"] == ["eval-color-000", "eval-shape-000"]  # 1 layout per category
+    assert [m["label"] for m in att["models"]] == ["base world", "ldm_only seed 0",
+                                                  "goal seed 0"]
+    g = r["world"]["maa_resolution"]
+    layouts = {x["id"]: x for x in r["eval"]["layouts"]}
+    for m in att["models"]:
+        maps = np.asarray(m["maps"])
+        assert maps.shape == (2, 2, g, g) and (maps >= 0).all() and maps.sum() > 0
+        # The stored numbers are the in-box fractions of the stored maps.
+        for li, lid in enumerate(att["layouts"]):
+            boxes = np.asarray(layouts[lid]["boxes"], np.float32)
+            np.testing.assert_allclose(m["per_phrase"][li], attention.in_box_fraction(
+                maps[li], np.asarray(objectives.box_masks(boxes, g, g))), rtol=1e-12)
+        assert 0.0 <= m["in_box"] <= 1.0 and 0.0 < m["chance"] < 1.0
+        np.testing.assert_allclose(m["in_box"], np.mean(m["per_phrase"]))
+    assert att["models"][1]["final"] == r["runs"][0]["train"]["final"]
+    assert os.path.getsize(os.path.join(smoke["out"], "attention.png")) > 10_000
+    with open(os.path.join(smoke["out"], "RESULTS.md"), encoding="utf-8") as f:
+        md = f.read()
+    for m in att["models"]:
+        assert f"| {m['label']} | {100 * m['in_box']:.1f} | {100 * m['chance']:.1f} |" in md
+    assert "![attention maps](attention.png)" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipping a GOAL arm (export.py) and the demo on it.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(smoke, tmp_path_factory):
+    from experiments.shapes_world import export
+
+    out = str(tmp_path_factory.mktemp("ship") / "goal")
+    assert export.main(["--results", os.path.join(smoke["out"], "results.json"),
+                        "--workdir", smoke["workdir"], "--out", out]) == 0
+    with open(os.path.join(out, "goal.json"), encoding="utf-8") as f:
+        return {"out": out, "record": json.load(f)}
+
+
+def test_best_goal_arm_and_seed():
+    from experiments.shapes_world import export, report
+
+    def run(arm, seed, oracle):
+        return {"arm": arm, "seed": seed, "eval": {"oracle": oracle}}
+
+    results = {"arms": {"ldm_only": {"config": {"train.alpha": 0.0, "train.beta": 0.0}},
+                        "goal": {"config": {"train.alpha": 0.01, "train.beta": 0.001}},
+                        "no_dsalign": {"config": {"train.alpha": 0.0, "train.beta": 0.001}}},
+               "runs": [run("ldm_only", 0, 0.9), run("goal", 0, 0.5), run("goal", 1, 0.7),
+                        run("no_dsalign", 0, 0.4), run("no_dsalign", 1, 0.9),
+                        run("no_dsalign", 2, 0.9)]}
+    assert report.goal_family(results) == ["goal", "no_dsalign"]
+    assert report.best_goal_arm(results) == "no_dsalign"  # mean 0.733 > 0.6; ldm_only is not GOAL
+    assert report.best_seed(results, "no_dsalign") == 1  # tie 0.9: the lower seed
+    assert export.choose_run(results) == ("no_dsalign", 1)
+    assert export.choose_run(results, "goal") == ("goal", 1)
+    with pytest.raises(ValueError, match="no evaluated run goal seed 5"):
+        export.choose_run(results, "goal", 5)
+
+
+def test_export_folder_holds_the_checkpoint_unet_and_base_parts(smoke, exported):
+    from flax import traverse_util
+
+    from goal_jax import checkpoints, train, weights
+
+    rec, out = exported["record"], exported["out"]
+    assert (rec["arm"], rec["seed"]) == ("goal", 0) and rec["chosen_by"].startswith("default")
+    assert rec["checkpoint"]["step"] == 3 and rec["experiment_command"] == \
+        smoke["results"]["command"]
+    goal_run = next(x for x in smoke["results"]["runs"] if x["arm"] == "goal")
+    assert rec["scores"]["run"]["oracle"] == goal_run["eval"]["oracle"]
+    assert rec["overrides"] == goal_run["overrides"] and (rec["alpha"], rec["beta"]) == \
+        (0.01, 0.001)
+    base_dir = os.path.join(smoke["argv"][1], "pipeline")
+    files = sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out)
+                   for f in fs)
+    assert all(f.endswith((".json", ".safetensors", ".txt")) for f in files), files
+    for f in files:  # every part but the U-Net weights and goal.json: the base's bytes
+        assert not os.path.islink(os.path.join(out, f))
+        if f in ("goal.json", "unet/diffusion_pytorch_model.safetensors"):
+            continue
+        with open(os.path.join(out, f), "rb") as a, open(os.path.join(base_dir, f), "rb") as b:
+            assert a.read() == b.read(), f
+    base = weights.load_pipeline(base_dir)
+    shipped = weights.load_pipeline(out)
+    manager = checkpoints.CheckpointManager(
+        os.path.join(smoke["workdir"], "runs", "goal", "seed0", "checkpoints"), async_save=False)
+    trained = traverse_util.flatten_dict(dict(manager.restore_params(manager.resolve_step(None))))
+    manager.close()
+    mask = train.trainable_mask(base.unet_params, train.PAPER_TRAINABLE)
+    flat_base = traverse_util.flatten_dict(dict(base.unet_params))
+    flat_ship = traverse_util.flatten_dict(dict(shipped.unet_params))
+    assert flat_ship.keys() == flat_base.keys()
+    assert {k for k in flat_base if mask["/".join(k)]} == set(trained)
+    changed = 0
+    for k, v in flat_ship.items():
+        want = trained[k] if k in trained else flat_base[k]
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(want), err_msg="/".join(k))
+        changed += k in trained and not np.array_equal(np.asarray(v), np.asarray(flat_base[k]))
+    assert changed > 0  # the fine-tuned leaves, not the base's
+
+
+def test_export_loads_in_diffusers(exported):
+    import diffusers
+    from safetensors.numpy import load_file
+
+    out = exported["out"]
+    pipe = diffusers.StableDiffusionGLIGENPipeline.from_pretrained(
+        out, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    state = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    torch_state = pipe.unet.state_dict()
+    assert set(state) == set(torch_state)
+    for k in state:
+        np.testing.assert_array_equal(torch_state[k].numpy(), state[k], err_msg=k)
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    img = pipe(prompt="a red circle and a blue square",
+               gligen_phrases=["a red circle", "a blue square"],
+               gligen_boxes=[[0.08, 0.30, 0.42, 0.64], [0.58, 0.30, 0.92, 0.64]],
+               num_inference_steps=2, height=size, width=size, output_type="np").images
+    assert img.shape == (1, size, size, 3) and np.isfinite(img).all()
+
+
+def test_export_refuses_an_existing_folder(smoke, exported, capsys):
+    from experiments.shapes_world import export
+
+    assert export.main(["--results", os.path.join(smoke["out"], "results.json"),
+                        "--workdir", smoke["workdir"], "--out", exported["out"]]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_demo_on_the_shipped_goal_pipeline_does_not_train(exported, tmp_path):
+    work = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--workdir", str(work),
+         "--goal", exported["out"], "--layouts", "2", "--steps", "2"],
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no fine-tuning" in result.stdout and "scripts/train.py" not in result.stdout
+    assert not (work / "train").exists()
+    assert f"--pretrained {exported['out']}" in result.stdout  # sample.py on the folder itself
+    scores = json.loads((work / "scores.json").read_text())
+    assert sorted(scores) == ["GOAL shipped", "base world"]
+    assert len(list((work / "goal").glob("*_boxes.png"))) == 2
+    assert (work / "demo.png").stat().st_size > 0

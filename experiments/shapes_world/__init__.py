@@ -15,5 +15,8 @@ Modules (one job each):
 * :mod:`.scales`    the scale of every loss term (value and gradient norm) at the base world.
 * :mod:`.evaluate`  sampling of every run and scoring with the oracle and the world CLIP.
 * :mod:`.report`    results.json -> RESULTS.md (tables, picture grid, loss curves).
+* :mod:`.persist`   restoring finished runs from a previous results.json (across sessions).
+* :mod:`.attention` MAAlign's cross-attention maps per phrase (the paper's Figure 4).
 * :mod:`.run`       the driver: resumable, progress with ETA over the whole experiment.
+* :mod:`.export`    a run's fine-tuned U-Net as a complete diffusers GLIGEN pipeline folder.
 """

@@ -81,6 +81,34 @@ def arm_stats(results: dict, arm: str, metric: str = "oracle") -> dict:
     return out
 
 
+def goal_family(results: dict) -> list[str]:
+    """The arms with an alignment term on (α > 0 or β > 0), in results["arms"] order."""
+    return [name for name, a in results["arms"].items()
+            if a["config"].get("train.alpha") or a["config"].get("train.beta")]
+
+
+def mean_oracle(results: dict, arm: str) -> float | None:
+    """The arm's oracle verdict rate (all categories) averaged over its evaluated seeds."""
+    vals = [r["eval"]["oracle"] for r in results["runs"] if r["arm"] == arm and r.get("eval")]
+    return float(np.mean(vals)) if vals else None
+
+
+def best_goal_arm(results: dict) -> str | None:
+    """The GOAL-family arm (:func:`goal_family`) with the best mean oracle score over seeds
+    (the first in results["arms"] order on a tie); None when none is evaluated."""
+    scored = [(mean_oracle(results, a), -i, a) for i, a in enumerate(goal_family(results))
+              if mean_oracle(results, a) is not None]
+    return max(scored)[2] if scored else None
+
+
+def best_seed(results: dict, arm: str) -> int:
+    """The seed of ``arm`` with the best oracle score (the lowest seed on a tie)."""
+    runs = [r for r in results["runs"] if r["arm"] == arm and r.get("eval")]
+    if not runs:
+        raise ValueError(f"arm {arm!r} has no evaluated run in the results")
+    return max(runs, key=lambda r: (r["eval"]["oracle"], -r["seed"]))["seed"]
+
+
 def _has(results: dict, arm: str) -> bool:
     return arm in results.get("references", {}) or any(
         r["arm"] == arm and r.get("eval") for r in results["runs"])
@@ -191,6 +219,24 @@ def _closing(results: dict) -> list[str]:
     return lines
 
 
+def _attention_lines(att: dict | None, grid: int) -> list[str]:
+    if not att:
+        return []
+    lines = ["## Attention maps per phrase (Figure 4 analogue)", "",
+             (f"MAAlign's layer (decoder {grid}x{grid} cross-attention, mean over heads and "
+              f"blocks) on {len(att['layouts'])} two-object colour / shape layouts: the world's "
+              f"render of each layout noised to t = {att['t']} (mean over {att['draws']} noise "
+              "draws; the same input for every model). In-box: the share of each phrase's "
+              "attention mass inside its own box (mean over phrases and layouts); chance: the "
+              "same share for a uniform map (the box's share of the cells)."), "",
+             "| model | in-box attention (%) | chance (%) |", "|---|---|---|"]
+    for m in att["models"]:
+        cell = "-" if m["in_box"] is None else f"{100 * m['in_box']:.1f}"
+        lines.append(f"| {m['label']} | {cell} | {100 * m['chance']:.1f} |")
+    lines += ["", f"![attention maps]({att['picture']})", ""]
+    return lines
+
+
 def markdown(results: dict) -> str:
     size, ev, ft = results["size"], results["eval"], results["finetune_set"]
     lines = [
@@ -236,6 +282,7 @@ def markdown(results: dict) -> str:
               f"![grid]({results['pictures']['grid']})"), "",
               (f"Loss curves (mean over seeds of each logged interval): "
               f"![loss curves]({results['pictures']['loss_curves']})"), ""]
+    lines += _attention_lines(results.get("attention"), results["world"]["maa_resolution"])
     lines += ["## Closing note", ""] + _closing(results) + [""]
     t = results.get("timing", {})
     if t:

@@ -15,8 +15,17 @@ What it does, in order (every step is skipped when its output exists and matches
 4. for each seed, for each arm: fine-tunes with scripts/train.py (``<workdir>/runs/<arm>/
    seed<k>``: checkpoints, metrics.jsonl, train.log; an interrupted run resumes from its
    checkpoint), then samples and scores it (``eval.json``, ``samples.npz``);
-5. writes ``<out>/results.json`` (after every step), ``<out>/grid.png``,
-   ``<out>/loss_curves.png`` and ``<out>/RESULTS.md`` (report.py, from results.json alone).
+5. writes ``<out>/grid.png`` and ``<out>/grid_images.npz`` (the grid's images per row);
+6. the attention maps per phrase (attention.py: ``<out>/attention.png`` and
+   ``results["attention"]``) of the base world, ldm_only and the best GOAL arm;
+7. writes ``<out>/results.json`` (after every step), ``<out>/loss_curves.png`` and
+   ``<out>/RESULTS.md`` (report.py, from results.json alone).
+
+Across sessions (persist.py): a run, the loss scales and the references whose workdir files
+are missing are restored from the previous ``<out>/results.json`` when it recorded exactly
+what this invocation would compute (same config, evaluation settings, layouts, fine-tuning
+set, world and oracle files); runs of it not asked for here are kept when they still match,
+mismatching ones are dropped with a printed reason.
 
 Progress: one line per finished step with the elapsed time and the ETA of the whole
 experiment (from the measured step and evaluation times). A run directory made with another
@@ -36,7 +45,7 @@ import time
 import numpy as np
 
 from experiments.shapes_world import arms as arms_lib
-from experiments.shapes_world import datasets, report
+from experiments.shapes_world import datasets, persist, report
 
 REPO = arms_lib.REPO
 GRID_PER_CATEGORY = 2
@@ -247,11 +256,22 @@ def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
     return scores, images
 
 
-def _reference(evaluator, path: str, settings: dict, images_fn) -> tuple[dict, np.ndarray]:
+def _workdir_reference(path: str, settings: dict) -> tuple[dict, np.ndarray] | None:
+    """(scores, images) of a reference already scored in the workdir with ``settings``."""
     npz = path.replace(".json", ".npz")
     if os.path.isfile(path) and os.path.isfile(npz) and _read_json(path).get("settings") == \
             settings:
         return _read_json(path), np.load(npz)["images"]
+    return None
+
+
+def _reference(evaluator, path: str, settings: dict, images_fn) -> tuple[dict, np.ndarray]:
+    """Scores one reference (the world's renders, or the base world's samples) and saves it
+    under ``<workdir>/references`` (skipped when there with ``settings``)."""
+    have = _workdir_reference(path, settings)
+    if have is not None:
+        return have
+    npz = path.replace(".json", ".npz")
     start = time.time()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     images = images_fn()
@@ -269,15 +289,33 @@ def expected_trainable_count(base_unet) -> int:
     return sum(mask.values())
 
 
-def grid_picture(path: str, items: list[dict], rows: list[tuple[str, np.ndarray]]) -> str:
-    """The first GRID_PER_CATEGORY layouts of each category, one row per model."""
-    from goal_jax.world import evaluate as world_eval
-
+def grid_indices(items: list[dict]) -> list[int]:
+    """Indices of the grid's layouts: the first GRID_PER_CATEGORY of each category, in
+    category order."""
     pick = []
     for cat in dict.fromkeys(it["category"] for it in items):
         pick += [i for i, it in enumerate(items) if it["category"] == cat][:GRID_PER_CATEGORY]
-    return world_eval.layout_grid([(label, imgs[pick]) for label, imgs in rows],
-                                  [items[i] for i in pick], path)
+    return pick
+
+
+def grid_picture(path: str, items: list[dict], rows: list[tuple[str, np.ndarray]]) -> str:
+    """The grid's layouts (:func:`grid_indices`), one row per (label, uint8 images
+    [n_grid, H, W, 3] of exactly those layouts)."""
+    from goal_jax.world import evaluate as world_eval
+
+    return world_eval.layout_grid(rows, [items[i] for i in grid_indices(items)], path)
+
+
+def timing_totals(results: dict) -> dict:
+    """Training / evaluation seconds summed over every run of ``results`` (restored ones
+    with their recorded times) and the references; mean seconds per training step."""
+    runs = [r for r in results["runs"] if r.get("train") and r.get("eval")]
+    refs = results.get("references", {}).values()
+    steps = [r["train"]["step_s"] for r in runs]
+    return {"train_s": round(sum(r["train"]["wall_s"] for r in runs), 1),
+            "eval_s": round(sum(r["eval"]["wall_s"] for r in runs)
+                            + sum(x.get("wall_s", 0.0) for x in refs), 1),
+            "train_step_s_mean": float(np.mean(steps)) if steps else None}
 
 
 def run(args) -> dict:
@@ -292,10 +330,15 @@ def run(args) -> dict:
     if args.arms:
         size = dataclasses.replace(size, arms=tuple(args.arms))
     specs = size.specs()
+    every = arms_lib.arm_specs(size.main_scale, size.sweep_scales, size.main_balance,
+                               size.balance_sweep)
+    order = {name: i for i, name in enumerate(every)}
     world = world_info(args.world)
+    world["fingerprint"] = persist.world_fingerprint(world)
     workdir, out = os.path.abspath(args.workdir), os.path.abspath(args.out)
     os.makedirs(workdir, exist_ok=True)
     os.makedirs(out, exist_ok=True)
+    previous = persist.Previous(out, REPO)
     command = "python -m experiments.shapes_world.run " + " ".join(args.argv)
     print(f"[experiment] size {size.name}: {len(specs)} arms x {len(size.seeds)} seeds x "
           f"{size.steps} steps (batch {size.batch_size}); world {world['path']} "
@@ -308,6 +351,7 @@ def run(args) -> dict:
     items = datasets.eval_layouts(size.eval_per_category, world["resolution"])
     disjoint = datasets.check_disjoint(datasets.read_finetune_items(ft_dir), items)
     data_dir, cache_dir = os.path.join(workdir, "tfds"), os.path.join(workdir, "jax_cache")
+    common = previous.common_reason(world, manifest, items) if previous.results else "none"
 
     # 2. loss scales (in-process; builds the TFDS copy of the fine-tuning set the runs share)
     from experiments.shapes_world import scales as scales_lib
@@ -316,8 +360,17 @@ def run(args) -> dict:
     scale_key = {"batches": size.scale_batches, "parts": list(size.scale_parts),
                  "batch_size": size.batch_size, "world": world["path"], "data": ft_dir}
     t0 = time.time()
+    old_size = previous.results["size"] if previous.results else {}
     if os.path.isfile(scales_path) and _read_json(scales_path).get("key") == scale_key:
         scales = _read_json(scales_path)["scales"]
+    elif common is None and previous.results.get("scales") and (
+            old_size.get("scale_batches"), old_size.get("scale_parts"),
+            old_size.get("batch_size")) == (size.scale_batches, list(size.scale_parts),
+                                            size.batch_size):
+        scales = previous.results["scales"]  # the same world, data and probe: same numbers
+        _write_json(scales_path, {"key": scale_key, "scales": scales,
+                                  "restored_from": previous.path})
+        print(f"[experiment] loss scales restored from {previous.path}", flush=True)
     else:
         probe = arms_lib.ArmSpec("goal", "loss-scale probe")
         scales = scales_lib.measure(
@@ -326,7 +379,7 @@ def run(args) -> dict:
         _write_json(scales_path, {"key": scale_key, "scales": scales})
     up = scales["parts"]["up"]
     balance = {"alpha": up["balance_alpha"], "beta": up["balance_beta"]}
-    print(f"[experiment] loss scales measured ({time.time() - t0:.0f} s): balance weights "
+    print(f"[experiment] loss scales ({time.time() - t0:.0f} s): balance weights "
           f"α {balance['alpha']:.3g}, β {balance['beta']:.3g} (paper α "
           f"{arms_lib.PAPER_ALPHA:g}, β {arms_lib.PAPER_BETA:g})", flush=True)
 
@@ -334,91 +387,208 @@ def run(args) -> dict:
         return arms_lib.run_overrides(spec, size, seed, world, ft_dir, data_dir, cache_dir,
                                       args.num_devices, balance)
 
+    def config_string(spec):
+        return arms_lib.config_string(spec, REPO).replace(REPO + "/", "")
+
+    eval_settings = {"num_steps": size.sample_steps, "guidance_scale": size.guidance_scale,
+                     "beta": size.sample_beta}
+    settings = dict(eval_settings, layouts=[it["id"] for it in items])
+
+    def want(name, seed):
+        spec = every[name]
+        return {"arm": name, "seed": seed, "config_string": config_string(spec),
+                "overrides": persist.portable(overrides(spec, seed), world["path"], workdir,
+                                              REPO), "settings": settings}
+
+    # Old runs: restorable (asked for here), kept (not asked for, still matching) or dropped.
+    requested = [(name, seed) for seed in size.seeds for name in specs]
+    restorable, records = {}, {}
+    for old in previous.runs():
+        key, label = (old["arm"], old["seed"]), f"{old['arm']} seed {old['seed']}"
+        if common is not None:
+            reason = common
+        elif old["arm"] not in every:
+            reason = f"arm {old['arm']!r} is not an arm of size {size.name!r} here"
+        else:
+            reason = previous.check(old, want(*key))
+        if reason is not None:
+            print(f"[experiment] dropped {label} of {previous.path}: {reason}", flush=True)
+            continue
+        old = dict(old, **{k: v for k, v in want(*key).items() if k != "settings"},
+                   restored_from=old.get("restored_from") or {
+                       "results": previous.path, "run_dir": old["run_dir"]})
+        if key in requested:
+            restorable[key] = old
+        else:
+            records[key] = old
+            print(f"[experiment] kept {label} from {previous.path}{previous.world_note}",
+                  flush=True)
+
+    def all_arms():
+        return sorted({a for a, _ in records} | set(specs), key=order.get)
+
     results = {
         "experiment": "GOAL vs LDM-only fine-tuning in the shapes world (issue 16)",
-        "command": command, "size": dataclasses.asdict(size), "world": world,
+        "command": command,
+        "commands": list(dict.fromkeys(
+            ((previous.results.get("commands") or [previous.results["command"]])
+             if previous.results and common is None else []) + [command])),
+        "size": dataclasses.asdict(size), "invocation": {"arms": list(specs),
+                                                         "seeds": list(size.seeds)},
+        "world": world, "workdir": workdir,
         "finetune_set": dict(manifest, folder=ft_dir, disjoint=disjoint),
         "eval": {"per_category": size.eval_per_category, "categories": list(arms_lib.CATEGORIES),
-                 "settings": {"num_steps": size.sample_steps,
-                              "guidance_scale": size.guidance_scale, "beta": size.sample_beta},
-                 "layouts": [{k: it[k] for k in ("id", "category", "caption", "phrases",
-                                                 "boxes", "seed")} for it in items]},
+                 "settings": eval_settings,
+                 "layouts": [{k: it[k] for k in persist.LAYOUT_FIELDS} for it in items]},
         "paper": {"alpha": arms_lib.PAPER_ALPHA, "beta": arms_lib.PAPER_BETA},
-        "arms": {name: {"about": s.about, "spec": dataclasses.asdict(s),
-                        "config_string": arms_lib.config_string(s, REPO).replace(REPO + "/", ""),
-                        "config": overrides(s, size.seeds[0])} for name, s in specs.items()},
-        "scales": scales, "balance": balance, "references": {}, "runs": [],
-        "pictures": {"grid": "grid.png", "loss_curves": "loss_curves.png"},
+        "arms": {}, "scales": scales, "balance": balance, "references": {}, "runs": [],
+        "pictures": {"grid": "grid.png", "loss_curves": "loss_curves.png",
+                     "grid_images": persist.GRID_IMAGES},
         "timing": {},
     }
     run_dirs = {(name, seed): os.path.join(workdir, "runs", name, f"seed{seed}")
-                for seed in size.seeds for name in specs}
+                for name, seed in requested}
     for (name, seed), run_dir in run_dirs.items():  # fail before anything is written
         run_record(specs[name], seed, overrides(specs[name], seed), run_dir)
     results_path = os.path.join(out, "results.json")
 
     def save():
+        names = all_arms()
+        results["arms"] = {name: {"about": every[name].about,
+                                  "spec": dataclasses.asdict(every[name]),
+                                  "config_string": config_string(every[name]),
+                                  "config": overrides(every[name], size.seeds[0])}
+                           for name in names}
+        results["runs"] = [records[k] for k in sorted(records, key=lambda k: (k[1], order[k[0]]))]
+        results["size"]["arms"] = names
+        results["size"]["seeds"] = sorted({s for _, s in records} | set(size.seeds))
+        import jax
+
+        results["timing"] = dict(results["timing"], **timing_totals(results),
+                                 devices=str(jax.devices()[0].platform),
+                                 cpu_count=os.cpu_count())
         _write_json(results_path, results)
 
     results["timing"]["scales_s"] = scales["wall_s"]
     save()
-    progress = Progress(len(specs) * len(size.seeds), len(specs) * len(size.seeds) + 2,
-                        size.steps)
+    progress = Progress(len(requested), len(requested) + 2, size.steps)
 
-    # 3. references
+    # 3. references (the workdir's, else the old results.json's, else scored here)
     from experiments.shapes_world import evaluate as eval_lib
 
-    settings = dict(results["eval"]["settings"], layouts=[it["id"] for it in items])
-    evaluator = eval_lib.Evaluator(world["pipeline"], world["clip"], items,
-                                   num_steps=size.sample_steps,
-                                   guidance_scale=size.guidance_scale, beta=size.sample_beta,
-                                   batch_size=args.eval_batch_size,
-                                   max_boxes=world["max_boxes"])
-    base_unet = evaluator.pipe.unet_params
-    n_trainable = expected_trainable_count(base_unet)
+    lazy = {}
+
+    def evaluator():
+        if "evaluator" not in lazy:
+            lazy["evaluator"] = eval_lib.Evaluator(
+                world["pipeline"], world["clip"], items, num_steps=size.sample_steps,
+                guidance_scale=size.guidance_scale, beta=size.sample_beta,
+                batch_size=args.eval_batch_size, max_boxes=world["max_boxes"])
+            lazy["base_unet"] = lazy["evaluator"].pipe.unet_params
+            lazy["n_trainable"] = expected_trainable_count(lazy["base_unet"])
+        return lazy["evaluator"]
+
+    pick = grid_indices(items)
+    pick_ids = [items[i]["id"] for i in pick]
+    old_grid_ok = list(previous.images.get("layout_ids", [])) == pick_ids
+    grid = {}  # row key -> uint8 [n_grid, H, W, 3]
     ref_dir = os.path.join(workdir, "references")
-    truth, truth_images = _reference(
-        evaluator, os.path.join(ref_dir, "ground_truth.json"), settings,
-        lambda: datasets.eval_truth_images(items, world["resolution"]))
-    progress.done("scored the world's renders of the layouts (ground truth)", "eval",
-                  truth["wall_s"])
-    base, base_images = _reference(evaluator, os.path.join(ref_dir, "base.json"), settings,
-                                   lambda: evaluator.sample(None))
-    progress.done("sampled and scored the base world", "eval", base["wall_s"])
-    results["references"] = {"ground_truth": truth, "base": base}
+    for name, what, images_fn in (
+            ("ground_truth", "scored the world's renders of the layouts (ground truth)",
+             lambda: datasets.eval_truth_images(items, world["resolution"])),
+            ("base", "sampled and scored the base world", lambda: evaluator().sample(None))):
+        path = os.path.join(ref_dir, f"{name}.json")
+        have = _workdir_reference(path, settings)
+        old = previous.reference(name, settings) if common is None and old_grid_ok else None
+        if have is None and old is not None:
+            scores = dict(old, restored_from=old.get("restored_from") or previous.path)
+            grid[name] = previous.images[name]
+            what = f"restored the reference {name!r} from {previous.path}"
+        else:
+            scores, images = have or _reference(evaluator(), path, settings, images_fn)
+            grid[name] = images[pick]
+        results["references"][name] = scores
+        progress.done(what, "eval", scores["wall_s"])
     save()
 
     # 4. runs: seeds outer, arms inner (a partial experiment has whole seeds)
-    grid_rows = [("ground truth", truth_images), ("base world", base_images)]
-    train_s = eval_s = 0.0
-    step_times = []
-    for seed in size.seeds:
-        for name, spec in specs.items():
-            run_dir = run_dirs[(name, seed)]
-            train = train_run(spec, size, seed, overrides(spec, seed), run_dir)
-            train_s += train["wall_s"]
-            step_times.append(train["step_s"])
-            progress.done(f"trained {name} seed {seed} ({train['wall_s']:.0f} s, "
-                          f"{train['step_s']:.3f} s/step)", "train", step_s=train["step_s"],
-                          startup_s=train["startup_s"])
-            scores, images = evaluate_run(evaluator, run_dir, base_unet, n_trainable, settings)
-            eval_s += scores["wall_s"]
-            progress.done(f"evaluated {name} seed {seed}: oracle {100 * scores['oracle']:.1f}, "
-                          f"CLIP {100 * scores['clip']:.1f}", "eval", scores["wall_s"])
-            if seed == size.seeds[0]:
-                grid_rows.append((name, images))
-            results["runs"].append({"arm": name, "seed": seed, "run_dir": run_dir,
-                                    "train": {k: v for k, v in train.items() if k != "command"},
-                                    "eval": {k: v for k, v in scores.items() if k != "items"},
-                                    "eval_items": scores["items"]})
-            import jax
-
-            results["timing"] = dict(
-                results["timing"], train_s=round(train_s, 1), eval_s=round(eval_s + truth[
-                    "wall_s"] + base["wall_s"], 1), train_step_s_mean=float(np.mean(step_times)),
-                devices=str(jax.devices()[0].platform), cpu_count=os.cpu_count())
+    for name, seed in requested:
+        spec, run_dir = specs[name], run_dirs[(name, seed)]
+        key = persist.grid_key(name, seed)
+        have_run = run_record(spec, seed, overrides(spec, seed), run_dir)[1]
+        eval_path = os.path.join(run_dir, "eval.json")
+        finished = bool(have_run and have_run.get("train")) and os.path.isfile(eval_path) and \
+            os.path.isfile(os.path.join(run_dir, "samples.npz")) and \
+            _read_json(eval_path).get("settings") == settings
+        old = restorable.get((name, seed))
+        if not finished and old is not None:
+            records[(name, seed)] = old
+            if key in previous.images and old_grid_ok:
+                grid[key] = previous.images[key]
+            progress.done(f"restored {name} seed {seed} from {previous.path}"
+                          f"{previous.world_note} (not trained here)", "train",
+                          step_s=old["train"]["step_s"], startup_s=old["train"]["startup_s"])
+            progress.done(f"restored the evaluation of {name} seed {seed}: oracle "
+                          f"{100 * old['eval']['oracle']:.1f}, CLIP "
+                          f"{100 * old['eval']['clip']:.1f}", "eval", old["eval"]["wall_s"])
             save()
-    grid_picture(os.path.join(out, results["pictures"]["grid"]), items, grid_rows)
+            continue
+        train = train_run(spec, size, seed, overrides(spec, seed), run_dir)
+        progress.done(f"trained {name} seed {seed} ({train['wall_s']:.0f} s, "
+                      f"{train['step_s']:.3f} s/step)", "train", step_s=train["step_s"],
+                      startup_s=train["startup_s"])
+        if finished:
+            scores, images = _read_json(eval_path), np.load(
+                os.path.join(run_dir, "samples.npz"))["images"]
+        else:
+            evaluator()
+            scores, images = evaluate_run(lazy["evaluator"], run_dir, lazy["base_unet"],
+                                          lazy["n_trainable"], settings)
+        progress.done(f"evaluated {name} seed {seed}: oracle {100 * scores['oracle']:.1f}, "
+                      f"CLIP {100 * scores['clip']:.1f}", "eval", scores["wall_s"])
+        grid[key] = images[pick]
+        w = want(name, seed)
+        records[(name, seed)] = {
+            "arm": name, "seed": seed, "run_dir": run_dir,
+            "config_string": w["config_string"], "overrides": w["overrides"],
+            "train": {k: v for k, v in train.items() if k != "command"},
+            "eval": {k: v for k, v in scores.items() if k != "items"},
+            "eval_items": scores["items"]}
+        save()
+
+    # 5. pictures: one grid row per arm (its lowest seed), from grid_images.npz when restored
+    if old_grid_ok:
+        grid = dict({k: v for k, v in previous.images.items() if k != "layout_ids"}, **grid)
+    rows, stored = [("ground truth", "ground_truth"), ("base world", "base")], {}
+    first = min(s for _, s in records) if records else None
+    for arm in all_arms():
+        seeds = sorted(s for a, s in records if a == arm)
+        seed = next((s for s in seeds if persist.grid_key(arm, s) in grid), seeds[0])
+        rows.append((arm if seed == first else f"{arm} (seed {seed})",
+                     persist.grid_key(arm, seed)))
+    for label, key in rows:
+        if key in grid:
+            stored[key] = grid[key]
+        else:
+            print(f"[experiment] grid: no images of {label!r} (restored from a results.json "
+                  f"without {persist.GRID_IMAGES}); its row is left out", flush=True)
+    persist.write_grid_images(os.path.join(out, persist.GRID_IMAGES), stored, pick_ids)
+    grid_picture(os.path.join(out, results["pictures"]["grid"]), items,
+                 [(label, stored[key]) for label, key in rows if key in stored])
+
+    # 6. attention maps per phrase (MAAlign's layer) for the base world, LDM-only and the
+    # best GOAL arm (seed-0 checkpoints); skipped when results.json holds them
+    if args.attention_layouts:
+        from experiments.shapes_world import attention as attention_lib
+
+        found = attention_lib.for_experiment(
+            results, items, world, stored, out, workdir,
+            previous.results.get("attention") if previous.results and common is None else None,
+            num_layouts=args.attention_layouts, timestep=args.attention_t)
+        if found is not None:
+            results["attention"] = found
+            results["pictures"]["attention"] = found["picture"]
+    save()
     md, png = report.write(results_path)
     print(f"[experiment] done: {results_path}, {md}, {png}", flush=True)
     return results
@@ -441,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_devices", type=int, default=1,
                    help="devices per training run (config num_devices)")
     p.add_argument("--eval_batch_size", type=int, default=32, help="images per sampler call")
+    p.add_argument("--attention_layouts", type=int, default=4,
+                   help="two-object colour / shape layouts of the attention figure (0: none)")
+    p.add_argument("--attention_t", type=int, default=500,
+                   help="diffusion timestep of the attention maps")
     return p
 
 
