@@ -65,12 +65,17 @@ def test_results_have_every_arm_seed_category(smoke):
         assert set(ev["categories"]) == set(arms.CATEGORIES)
         for s in ev["categories"].values():
             assert s["n"] == size.eval_per_category
-            assert 0.0 <= s["oracle"] <= 1.0 and -1.0 <= s["clip"] <= 1.0
+            assert 0.0 <= s["oracle"] <= s["score"] <= 1.0 and -1.0 <= s["clip"] <= 1.0
+        assert ev["scorer"] == "oracle-graded-1"
         assert ev["settings"]["num_steps"] == size.sample_steps
     for run in r["runs"]:
         assert len(run["eval_items"]) == n_items
         assert np.isclose(run["eval"]["oracle"],
                           np.mean([it["verdict"] for it in run["eval_items"]]))
+        assert np.isclose(run["eval"]["score"],
+                          np.mean([it["score"] for it in run["eval_items"]]))
+        # a layout whose every check passes has score 1; the score never falls below the verdict
+        assert all(it["score"] >= it["verdict"] for it in run["eval_items"])
         assert run["eval"]["checkpoint"]["step"] == 3
         curve = run["train"]["curve"]
         assert [p["step"] for p in curve] == [1, 2, 3]
@@ -142,12 +147,44 @@ def test_rerun_resumes_without_training(smoke, capsys):
     before = {a: os.path.getsize(p) for a, p in logs.items()}
     assert run.main(smoke["argv"]) == 0
     printed = capsys.readouterr().out
-    assert "training " not in printed and "ETA" in printed
+    assert "training " not in printed and "ETA" in printed and "rescored" not in printed
     assert {a: os.path.getsize(p) for a, p in logs.items()} == before
     with open(os.path.join(smoke["out"], "results.json"), encoding="utf-8") as f:
         again = json.load(f)
     assert [x["eval"]["categories"] for x in again["runs"]] == \
         [x["eval"]["categories"] for x in smoke["results"]["runs"]]
+
+
+def test_scores_of_an_older_scorer_are_recomputed_from_the_samples(smoke, tmp_path, capsys):
+    """An eval.json written before the graded score (verdicts only) is scored again from its
+    stored samples: nothing is trained or sampled, and the scores equal a fresh scoring."""
+    from experiments.shapes_world import run
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    shutil.copytree(smoke["workdir"], work)
+    shutil.copytree(smoke["out"], out)
+    os.remove(out / "results.json")  # only the workdir's files count here
+    stale = {}
+    for p in list((work / "runs").glob("*/seed0/eval.json")) + [
+            work / "references" / "base.json"]:
+        ev = json.loads(p.read_text())
+        stale[p] = ev
+        old = {k: v for k, v in ev.items() if k not in ("scorer", "score")}
+        old["categories"] = {c: {k: v for k, v in x.items() if k not in ("score", "boxes")}
+                             for c, x in ev["categories"].items()}
+        p.write_text(json.dumps(old))
+    argv = ["--world", smoke["argv"][1], "--workdir", str(work), "--out", str(out),
+            "--size", "smoke"]
+    assert run.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "training " not in printed
+    assert printed.count("rescored ") == len(stale)
+    for p, ev in stale.items():
+        new = json.loads(p.read_text())
+        assert new["scorer"] == "oracle-graded-1"
+        assert new["rescored_from"] == "oracle verdicts only"
+        assert new["categories"] == ev["categories"] and new["score"] == ev["score"]
+        assert new["wall_s"] == ev["wall_s"] and new["settings"] == ev["settings"]
 
 
 def test_changed_config_in_existing_run_is_refused(smoke, capsys):
@@ -422,8 +459,8 @@ def exported(smoke, tmp_path_factory):
 def test_best_goal_arm_and_seed():
     from experiments.shapes_world import export, report
 
-    def run(arm, seed, oracle):
-        return {"arm": arm, "seed": seed, "eval": {"oracle": oracle}}
+    def run(arm, seed, score):
+        return {"arm": arm, "seed": seed, "eval": {"score": score, "oracle": 0.0}}
 
     results = {"arms": {"ldm_only": {"config": {"train.alpha": 0.0, "train.beta": 0.0}},
                         "goal": {"config": {"train.alpha": 0.01, "train.beta": 0.001}},

@@ -23,6 +23,11 @@ import numpy as np
 
 from goal_jax import layout as layout_lib
 
+# What the scores in an eval.json were computed with: stored scores of another scorer are
+# recomputed from the stored samples (run.py), never mixed. "oracle-graded-1": the oracle's
+# verdict plus its graded per-item score (goal_jax/evaluation/oracle.py) and per-box means.
+SCORER = "oracle-graded-1"
+
 
 def load_run_unet(checkpoint_dir: str, base_params):
     """The U-Net of a training run: the trainable leaves of its latest checkpoint over
@@ -136,7 +141,7 @@ class Evaluator:
                          "boxes": oracle_lib.box_summary(
                              [r for r, it in zip(results, self.items) if it["category"] == cat])}
         return {"items": per_item, "boxes": summary["boxes"], "categories": cats,
-                "score": float(np.mean([p["score"] for p in per_item])),
+                "scorer": SCORER, "score": float(np.mean([p["score"] for p in per_item])),
                 "oracle": float(np.mean([p["verdict"] for p in per_item])),
                 "clip": float(np.mean(clip))}
 

@@ -91,13 +91,14 @@ def _scores(results: dict, arm: str, seed: int) -> dict:
     def arm_summary(name):
         if not report._has(results, name):
             return None
-        return {"oracle": report.mean_oracle(results, name)
-                if name not in results.get("references", {})
-                else results["references"][name]["oracle"],
+        ref = results.get("references", {}).get(name)
+        return {"score": report.mean_score(results, name) if ref is None else ref["score"],
+                "oracle": ref["oracle"] if ref is not None else float(np.mean(
+                    [r["eval"]["oracle"] for r in results["runs"] if r["arm"] == name])),
                 "seeds": sorted(r["seed"] for r in results["runs"] if r["arm"] == name),
                 "categories": report.arm_stats(results, name)}
 
-    return {"run": {k: run["eval"][k] for k in ("oracle", "clip", "categories")},
+    return {"run": {k: run["eval"][k] for k in ("score", "oracle", "clip", "categories")},
             "arm_mean": arm_summary(arm), "ldm_only_mean": arm_summary("ldm_only"),
             "base": arm_summary("base"),
             "metric": "oracle verdict rate on the held-out evaluation layouts (0-1)"}

@@ -206,6 +206,9 @@ class Previous:
         if run["eval"].get("settings") != want["settings"]:
             return "evaluation settings differ " + _diff(run["eval"].get("settings") or {},
                                                           want["settings"])
+        if run["eval"].get("scorer") != want.get("scorer"):
+            return (f"scored by {run['eval'].get('scorer')!r}, not {want.get('scorer')!r} (its "
+                    "samples are not stored, so it cannot be rescored)")
         return None
 
     def reference(self, name: str, settings: dict) -> dict | None:
@@ -214,7 +217,10 @@ class Previous:
         caller)."""
         if not self.results:
             return None
+        from experiments.shapes_world import evaluate as eval_lib
+
         ref = self.results.get("references", {}).get(name)
-        if ref is None or ref.get("settings") != settings or name not in self.images:
+        if ref is None or ref.get("settings") != settings or name not in self.images or \
+                ref.get("scorer") != eval_lib.SCORER:
             return None
         return ref

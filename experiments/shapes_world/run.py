@@ -246,7 +246,7 @@ def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
     if os.path.isfile(path) and os.path.isfile(npz):
         have = _read_json(path)
         if have.get("settings") == settings:
-            return have, np.load(npz)["images"]
+            return rescored(evaluator, path, have, np.load(npz)["images"])
     params, info = eval_lib.load_run_unet(os.path.join(run_dir, "checkpoints"), base_unet)
     check_trainable(run_dir, info["replaced"], expected_trainable)
     scores, images = evaluator.evaluate(params)
@@ -256,19 +256,40 @@ def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
     return scores, images
 
 
-def _workdir_reference(path: str, settings: dict) -> tuple[dict, np.ndarray] | None:
-    """(scores, images) of a reference already scored in the workdir with ``settings``."""
+def rescored(evaluator, path: str, have: dict, images: np.ndarray) -> tuple[dict, np.ndarray]:
+    """(scores, images) of stored samples: ``have`` (the eval.json at ``path``) when it was
+    scored by this scorer (evaluate.SCORER), else the samples scored again (nothing is sampled;
+    ``evaluator``: the Evaluator or a function returning it) and ``path`` rewritten, keeping
+    its settings, wall time and checkpoint."""
+    from experiments.shapes_world import evaluate as eval_lib
+
+    if have.get("scorer") == eval_lib.SCORER:
+        return have, images
+    ev = evaluator() if callable(evaluator) and not hasattr(evaluator, "score") else evaluator
+    scores = ev.score(images)
+    scores.update({k: have[k] for k in ("settings", "wall_s", "checkpoint") if k in have},
+                  rescored_from=have.get("scorer", "oracle verdicts only"))
+    _write_json(path, scores)
+    print(f"[experiment] rescored {path} with scorer {eval_lib.SCORER} (from its stored "
+          "samples)", flush=True)
+    return scores, images
+
+
+def _workdir_reference(path: str, settings: dict, evaluator=None
+                       ) -> tuple[dict, np.ndarray] | None:
+    """(scores, images) of a reference already scored in the workdir with ``settings``
+    (rescored from its images when an older scorer made it: ``evaluator`` is then needed)."""
     npz = path.replace(".json", ".npz")
     if os.path.isfile(path) and os.path.isfile(npz) and _read_json(path).get("settings") == \
             settings:
-        return _read_json(path), np.load(npz)["images"]
+        return rescored(evaluator, path, _read_json(path), np.load(npz)["images"])
     return None
 
 
 def _reference(evaluator, path: str, settings: dict, images_fn) -> tuple[dict, np.ndarray]:
     """Scores one reference (the world's renders, or the base world's samples) and saves it
     under ``<workdir>/references`` (skipped when there with ``settings``)."""
-    have = _workdir_reference(path, settings)
+    have = _workdir_reference(path, settings, evaluator)
     if have is not None:
         return have
     npz = path.replace(".json", ".npz")
@@ -394,11 +415,14 @@ def run(args) -> dict:
                      "beta": size.sample_beta}
     settings = dict(eval_settings, layouts=[it["id"] for it in items])
 
+    from experiments.shapes_world import evaluate as eval_lib
+
     def want(name, seed):
         spec = every[name]
         return {"arm": name, "seed": seed, "config_string": config_string(spec),
                 "overrides": persist.portable(overrides(spec, seed), world["path"], workdir,
-                                              REPO), "settings": settings}
+                                              REPO), "settings": settings,
+                "scorer": eval_lib.SCORER}
 
     # Old runs: restorable (asked for here), kept (not asked for, still matching) or dropped.
     requested = [(name, seed) for seed in size.seeds for name in specs]
@@ -474,8 +498,6 @@ def run(args) -> dict:
     progress = Progress(len(requested), len(requested) + 2, size.steps)
 
     # 3. references (the workdir's, else the old results.json's, else scored here)
-    from experiments.shapes_world import evaluate as eval_lib
-
     lazy = {}
 
     def evaluator():
@@ -498,7 +520,7 @@ def run(args) -> dict:
              lambda: datasets.eval_truth_images(items, world["resolution"])),
             ("base", "sampled and scored the base world", lambda: evaluator().sample(None))):
         path = os.path.join(ref_dir, f"{name}.json")
-        have = _workdir_reference(path, settings)
+        have = _workdir_reference(path, settings, evaluator)
         old = previous.reference(name, settings) if common is None and old_grid_ok else None
         if have is None and old is not None:
             scores = dict(old, restored_from=old.get("restored_from") or previous.path)
@@ -538,8 +560,8 @@ def run(args) -> dict:
                       f"{train['step_s']:.3f} s/step)", "train", step_s=train["step_s"],
                       startup_s=train["startup_s"])
         if finished:
-            scores, images = _read_json(eval_path), np.load(
-                os.path.join(run_dir, "samples.npz"))["images"]
+            scores, images = rescored(evaluator, eval_path, _read_json(eval_path), np.load(
+                os.path.join(run_dir, "samples.npz"))["images"])
         else:
             evaluator()
             scores, images = evaluate_run(lazy["evaluator"], run_dir, lazy["base_unet"],
