@@ -357,11 +357,14 @@ def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
         # XLA:TPU refuses a program whose buffers exceed the core's HBM; what it needed is the
         # measurement (arguments: the per-core shards of the inputs, computed here).
         rec["compile_s"] = time.perf_counter() - start
-        rec.update(oom, argument_bytes=_shard_bytes(args), output_bytes=0, alias_bytes=0,
+        rec.update(argument_bytes=_shard_bytes(args), output_bytes=0, alias_bytes=0,
                    generated_code_bytes=0, flops=-1.0, transcendentals=-1.0,
                    bytes_accessed=-1.0, optimal_seconds=-1.0, pallas_custom_calls=-1,
                    fits=False)
-        rec["peak_bytes"] = rec["argument_bytes"] + rec["temp_bytes"]
+        rec.update(oom)  # XLA's own argument bytes, where it gave them, win
+        rec["peak_bytes"] = rec.get("total_bytes",
+                                    rec["argument_bytes"] + rec.get("program_bytes",
+                                                                    rec["temp_bytes"]))
         return rec
     rec["compile_s"] = time.perf_counter() - start
     mem = compiled.memory_analysis()
@@ -390,22 +393,51 @@ _OOM_TEMP = re.compile(r"memory required for HLO temporaries \((?P<temp>[0-9.]+)
 _UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
 
 
+_SIZE = r"(?P<n>[0-9.]+)(?P<u>[KMG])"
+_OOM_USED = re.compile(r"Used " + _SIZE + r" of (?P<n2>[0-9.]+)(?P<u2>[KMG]) hbm")
+_OOM_PART = {k: re.compile(rf"^\s*{label}\s+{_SIZE}", re.M) for k, label in (
+    ("total", r"Total hbm usage >="), ("program", "program"), ("arguments", "arguments"),
+    ("hlo_temp", "HLO temp"))}
+_OOM_ALLOC = re.compile(r"Size: " + _SIZE + r"\s*\n\s*Operator: op_name=\"(?P<op>[^\"]+)\"")
+
+
+def _size(m, n="n", u="u") -> int:
+    return int(float(m[n]) * _UNITS[m[u]])
+
+
 def parse_hbm_oom(message: str) -> dict | None:
-    """The numbers of XLA:TPU's out-of-memory compile error, e.g. "RESOURCE_EXHAUSTED: Ran out
-    of memory on HBM, the total memory required for HLO temporaries (14.73G) exceeds available
-    HBM (7.48G)." -> {"oom": True, "temp_bytes": 14.73 GiB, "available_bytes": 7.48 GiB,
-    "oom_message": the first line}; None for any other error. XLA prints GiB as "G" with two
-    decimals, so the byte counts are good to 0.005 GiB."""
+    """The numbers of XLA:TPU's out-of-memory compile error; None for any other error. XLA
+    prints sizes as "14.73G" / "326.62M" (GiB / MiB, two decimals), so the byte counts are good
+    to 0.005 of the unit. Two forms, both from libtpu 0.0.42:
+
+    * "Ran out of memory on HBM, the total memory required for HLO temporaries (14.73G)
+      exceeds available HBM (7.48G)." -> {"temp_bytes", "available_bytes"};
+    * "E1000: CompileTimeHbmOom ... Used 16.07G of 15.75G hbm ... Total hbm usage >= 16.32G:
+      reserved / program 7.44G / arguments 8.62G ... HLO temp 6.98G ... Largest program
+      allocations ..." -> {"available_bytes", "used_bytes", "total_bytes", "program_bytes",
+      "argument_bytes", "temp_bytes" (HLO temp), "largest": [{"bytes", "op"}] (up to 8)}.
+
+    Both also give "oom": True and "oom_message" (the error's first line)."""
     if "RESOURCE_EXHAUSTED" not in message or not _OOM.search(message):
         return None
-    m = _OOM_TEMP.search(message)
-    if m is None:
-        return None
     first = next(line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line)
-    return {"oom": True,
-            "temp_bytes": int(float(m["temp"]) * _UNITS[m["unit"]]),
-            "available_bytes": int(float(m["avail"]) * _UNITS[m["unit2"]]),
-            "oom_message": first.strip()}
+    out = {"oom": True, "oom_message": first.strip()}
+    m = _OOM_TEMP.search(message)
+    if m is not None:
+        return dict(out, temp_bytes=int(float(m["temp"]) * _UNITS[m["unit"]]),
+                    available_bytes=int(float(m["avail"]) * _UNITS[m["unit2"]]))
+    used = _OOM_USED.search(message)
+    parts = {k: r.search(message) for k, r in _OOM_PART.items()}
+    if used is None or parts["hlo_temp"] is None or parts["arguments"] is None:
+        return None
+    out.update(used_bytes=_size(used), available_bytes=_size(used, "n2", "u2"),
+               temp_bytes=_size(parts["hlo_temp"]), argument_bytes=_size(parts["arguments"]))
+    for k in ("total", "program"):
+        if parts[k] is not None:
+            out[f"{k}_bytes"] = _size(parts[k])
+    out["largest"] = [{"bytes": _size(a), "op": a["op"]}
+                      for a in _OOM_ALLOC.finditer(message)][:8]
+    return out
 
 
 def _shard_bytes(args) -> int:
@@ -452,6 +484,13 @@ def _seconds(s: float) -> str:
     """The cost model's time; XLA:TPU has returned negative values for programs with Pallas
     (Mosaic) custom calls, which are shown as such, not as a time."""
     return f"{s:.3g}" if s > 0 else f"invalid ({s:.3g})"
+
+
+def _short_op(op: str, parts: int = 5) -> str:
+    """The last ``parts`` components of an XLA op path, without JAX's transform wrappers."""
+    names = [p for p in op.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose("))
+             and p not in ("checkpoint", "rematted_computation")]
+    return "/".join(names[-parts:])
 
 
 def results_section(records: list[dict], pending: list[str], size_name: str) -> str:
@@ -501,6 +540,19 @@ def results_section(records: list[dict], pending: list[str], size_name: str) -> 
     if not rows:
         lines.append("| (none compiled yet) | | | | | | | | | | | | | | |")
     lines.append("")
+    ooms = [r for r in rows if r.get("largest")]
+    if ooms:
+        lines.append("Out of HBM: the largest allocations XLA:TPU named (op path shortened to "
+                     "its last parts):")
+        lines.append("")
+        for r in ooms:
+            top = "; ".join(f"{a['bytes'] / 2 ** 20:.0f} MiB `{_short_op(a['op'])}`"
+                            for a in r["largest"][:3])
+            lines.append(f"- {record_key(r)}: arguments {_g(r['argument_bytes'])} + program "
+                         f"{_g(r.get('program_bytes', r['temp_bytes']))} GiB (HLO temporaries "
+                         f"{_g(r['temp_bytes'])}) against {_g(r['available_bytes'])} GiB; "
+                         f"largest: {top}")
+        lines.append("")
     if rows:
         r0 = rows[0]
         lines.append(f"jax {r0['jax']}, libtpu {r0.get('libtpu', '?')}; records in "

@@ -155,37 +155,6 @@ def test_rerun_resumes_without_training(smoke, capsys):
         [x["eval"]["categories"] for x in smoke["results"]["runs"]]
 
 
-def test_scores_of_an_older_scorer_are_recomputed_from_the_samples(smoke, tmp_path, capsys):
-    """An eval.json written before the graded score (verdicts only) is scored again from its
-    stored samples: nothing is trained or sampled, and the scores equal a fresh scoring."""
-    from experiments.shapes_world import run
-
-    work, out = tmp_path / "work", tmp_path / "out"
-    shutil.copytree(smoke["workdir"], work)
-    shutil.copytree(smoke["out"], out)
-    os.remove(out / "results.json")  # only the workdir's files count here
-    stale = {}
-    for p in list((work / "runs").glob("*/seed0/eval.json")) + [
-            work / "references" / "base.json"]:
-        ev = json.loads(p.read_text())
-        stale[p] = ev
-        old = {k: v for k, v in ev.items() if k not in ("scorer", "score")}
-        old["categories"] = {c: {k: v for k, v in x.items() if k not in ("score", "boxes")}
-                             for c, x in ev["categories"].items()}
-        p.write_text(json.dumps(old))
-    argv = ["--world", smoke["argv"][1], "--workdir", str(work), "--out", str(out),
-            "--size", "smoke"]
-    assert run.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "training " not in printed
-    assert printed.count("rescored ") == len(stale)
-    for p, ev in stale.items():
-        new = json.loads(p.read_text())
-        assert new["scorer"] == "oracle-graded-1"
-        assert new["rescored_from"] == "oracle verdicts only"
-        assert new["categories"] == ev["categories"] and new["score"] == ev["score"]
-        assert new["wall_s"] == ev["wall_s"] and new["settings"] == ev["settings"]
-
 
 def test_changed_config_in_existing_run_is_refused(smoke, capsys):
     from experiments.shapes_world import run
@@ -561,3 +530,42 @@ def test_demo_on_the_shipped_goal_pipeline_does_not_train(exported, tmp_path):
     assert sorted(scores) == ["GOAL shipped", "base world"]
     assert len(list((work / "goal").glob("*_boxes.png"))) == 2
     assert (work / "demo.png").stat().st_size > 0
+
+
+def test_scores_of_an_older_scorer_are_recomputed_from_the_samples(smoke, tmp_path, capsys):
+    """An eval.json written before the graded score (verdicts only) is scored again from its
+    stored samples: nothing is trained or sampled, and the scores equal the first scoring.
+    (Edits the smoke workdir in place, so it runs last and puts every file back.)"""
+    from experiments.shapes_world import run
+
+    backup = tmp_path / "out"
+    shutil.copytree(smoke["out"], backup)
+    work = smoke["workdir"]
+    paths = [os.path.join(x["run_dir"], "eval.json") for x in smoke["results"]["runs"]] + [
+        os.path.join(work, "references", "base.json")]
+    originals = {p: open(p, encoding="utf-8").read() for p in paths}
+    try:
+        for p, text in originals.items():
+            ev = json.loads(text)
+            old = {k: v for k, v in ev.items() if k not in ("scorer", "score")}
+            old["categories"] = {c: {k: v for k, v in x.items() if k not in ("score", "boxes")}
+                                 for c, x in ev["categories"].items()}
+            with open(p, "w", encoding="utf-8") as f:
+                json.dump(old, f)
+        os.remove(os.path.join(smoke["out"], "results.json"))  # only the workdir counts
+        assert run.main(smoke["argv"] + ["--attention_layouts", "0"]) == 0
+        printed = capsys.readouterr().out
+        assert "training " not in printed
+        assert printed.count("rescored ") == len(paths)
+        for p, text in originals.items():
+            ev, new = json.loads(text), json.loads(open(p, encoding="utf-8").read())
+            assert new["scorer"] == "oracle-graded-1"
+            assert new["rescored_from"] == "oracle verdicts only"
+            assert new["categories"] == ev["categories"] and new["score"] == ev["score"]
+            assert new["wall_s"] == ev["wall_s"] and new["settings"] == ev["settings"]
+    finally:
+        for p, text in originals.items():
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(text)
+        shutil.rmtree(smoke["out"])
+        shutil.copytree(backup, smoke["out"])

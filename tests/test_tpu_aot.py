@@ -138,6 +138,35 @@ def test_out_of_memory_compile_is_a_measurement(tmp_path):
     assert "- `v5e-1/sample/bf16/replicated/1`:" in text
 
 
+def test_out_of_memory_report_is_parsed():
+    """libtpu's detailed out-of-HBM report (E1000, as it came for the sd14 train step on one
+    v5e chip at batch 4; tests/fixtures/tpu_oom_e1000.txt) -> the sizes it names."""
+    sys.path.insert(0, REPO)
+    from benchmarks import tpu_aot
+
+    with open(os.path.join(REPO, "tests", "fixtures", "tpu_oom_e1000.txt"), encoding="utf-8") as f:
+        rec = tpu_aot.parse_hbm_oom(f.read())
+    gib, mib = 2 ** 30, 2 ** 20
+    assert rec["oom"] is True and rec["oom_message"].startswith("RESOURCE_EXHAUSTED: E1000")
+    expected = {"used_bytes": 16.07 * gib, "available_bytes": 15.75 * gib,
+                "total_bytes": 16.32 * gib, "program_bytes": 7.44 * gib,
+                "argument_bytes": 8.62 * gib, "temp_bytes": 6.98 * gib}
+    for key, value in expected.items():
+        assert rec[key] == int(value), key
+    assert rec["largest"][0] == {"bytes": int(520 * mib), "op": (
+        "jit(fn)/transpose(jvp(AutoencoderKL.decode))/decoder/jvp(AutoencoderKL.decode)/decoder/"
+        "checkpoint/rematted_computation/up_blocks_3/resnets_0/norm2/norm2/square")}
+    assert tpu_aot._short_op(rec["largest"][0]["op"]) == "up_blocks_3/resnets_0/norm2/norm2/square"
+    row = dict(rec, size="sd14", chip="v5e-1", program="train", variant="bf16_remat",
+               params="replicated", per_core=4, batch=4, peak_bytes=rec["total_bytes"],
+               budget_bytes=15 * gib, compile_s=3600.0, jax="0.10.2", libtpu="0.0.42.1")
+    text = tpu_aot.results_section([row], [], "sd14")
+    assert "| v5e-1 | train | bf16_remat | replicated | 4 | 4 | 8.62 | ≥ 6.98 | ≥ 16.32 |" in text
+    assert ("- v5e-1/train/bf16_remat/replicated/4: arguments 8.62 + program 7.44 GiB (HLO "
+            "temporaries 6.98) against 15.75 GiB; largest: 520 MiB "
+            "`up_blocks_3/resnets_0/norm2/norm2/square`") in text
+
+
 def test_job_names_are_checked():
     sys.path.insert(0, REPO)
     from benchmarks import tpu_aot
