@@ -65,12 +65,17 @@ BUDGET_FRACTION = 15 / 16
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """A Colab / Cloud TPU kind: topology name for ``get_topology_desc``, cores used, HBM per
-    core in GiB."""
+    core in GiB, and per core the peak bf16 compute (TFLOP/s) and HBM bandwidth (GB/s) for the
+    roofline time (Cloud TPU's published chip figures divided by the cores per chip: v2 46 TFLOP/s
+    and 700 GB/s per 2-core chip (Jouppi et al., CACM 2020), v3 123 and 900 per 2-core chip,
+    v5e 197 and 819, v6e 918 and 1640 per 1-core chip)."""
 
     name: str
     topology: str
     cores: int
     hbm_gib: float
+    peak_tflops: float = 0.0
+    hbm_gbps: float = 0.0
 
     @property
     def budget_bytes(self) -> int:
@@ -78,13 +83,25 @@ class Chip:
 
 
 CHIPS = {
-    "v2-8": Chip("v2-8", "v2:2x2", 8, 8.0),
-    "v3-8": Chip("v3-8", "v3:2x2", 8, 16.0),
-    "v5e-1": Chip("v5e-1", "v5e:1x1", 1, 16.0),
-    "v5e-4": Chip("v5e-4", "v5e:2x2", 4, 16.0),
-    "v5e-8": Chip("v5e-8", "v5e:2x4", 8, 16.0),
-    "v6e-1": Chip("v6e-1", "v6e:1x1", 1, 32.0),
+    "v2-8": Chip("v2-8", "v2:2x2", 8, 8.0, 23.0, 350.0),
+    "v3-8": Chip("v3-8", "v3:2x2", 8, 16.0, 61.5, 450.0),
+    "v5e-1": Chip("v5e-1", "v5e:1x1", 1, 16.0, 197.0, 819.0),
+    "v5e-4": Chip("v5e-4", "v5e:2x2", 4, 16.0, 197.0, 819.0),
+    "v5e-8": Chip("v5e-8", "v5e:2x4", 8, 16.0, 197.0, 819.0),
+    "v6e-1": Chip("v6e-1", "v6e:1x1", 1, 32.0, 918.0, 1640.0),
 }
+
+
+def roofline_seconds(rec: dict) -> float | None:
+    """max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth) per core from XLA's cost
+    analysis: a lower bound on the time of one call (no overlap loss, no collectives); None when
+    XLA gave no costs (an out-of-memory compile) or the chip has no figures."""
+    chip = CHIPS.get(rec["chip"])
+    if chip is None or not chip.peak_tflops or rec.get("flops", -1) <= 0 or \
+            rec.get("bytes_accessed", -1) <= 0:
+        return None
+    return max(rec["flops"] / (chip.peak_tflops * 1e12),
+               rec["bytes_accessed"] / (chip.hbm_gbps * 1e9))
 
 # name: (compute dtype, remat, (encoded_box_slots, encoded_phrase_tokens), frozen dtype,
 #        attention)
@@ -482,6 +499,11 @@ def _g(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def _roofline(rec: dict) -> str:
+    s = roofline_seconds(rec)
+    return "–" if s is None else f"{s:.3g}"
+
+
 def _seconds(s: float) -> str:
     """The cost model's time; XLA:TPU has returned negative values for programs with Pallas
     (Mosaic) custom calls, which are shown as such, not as a time."""
@@ -512,15 +534,17 @@ def results_section(records: list[dict], pending: list[str], size_name: str) -> 
         "`.venv-tpu/bin/python -m benchmarks.tpu_aot`; see that module's docstring). GiB per "
         "TPU core from XLA:TPU's buffer assignment: arguments (params / frozen weights / AdamW "
         "state / batch shards), temporaries, peak = arguments + outputs − donated + "
-        "temporaries. TFLOP and the cost model's time (`optimal_seconds`; shown as invalid when "
+        "temporaries. TFLOP, the roofline time (per core, max of FLOPs / peak bf16 FLOP/s and "
+        "bytes accessed / HBM bandwidth: a lower bound) and the cost model's time "
+        "(`optimal_seconds`; shown as invalid when "
         "XLA returns a negative value, as it did for programs with Pallas calls) per core per call "
         "(train: one step; sample: one whole 50-step CFG sampling of the per-core batch + "
         "decode). Budget = 15/16 of the core's HBM. Pallas = fused-attention custom calls in "
         "the compiled HLO. Compile s on a shared 2-core x86 host (niced).",
         "",
         "| chip | program | variant | params | per core | batch | args | temp | peak | budget "
-        "| fits | TFLOP | cost-model s | Pallas | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fits | TFLOP | roofline s | cost-model s | Pallas | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {k: i for i, k in enumerate(TARGET_JOBS + MORE_JOBS)}
     rows.sort(key=lambda r: order.get(record_key(r), len(order)))
@@ -530,17 +554,17 @@ def results_section(records: list[dict], pending: list[str], size_name: str) -> 
                 f"| {r['chip']} | {r['program']} | {r['variant']} | {r['params']} | "
                 f"{r['per_core']} | {r['batch']} | {_g(r['argument_bytes'])} | "
                 f"≥ {_g(r['temp_bytes'])} | ≥ {_g(r['peak_bytes'])} | {_g(r['budget_bytes'])} "
-                f"| **no** (XLA: out of HBM) | – | – | – | {r['compile_s']:.0f} |")
+                f"| **no** (XLA: out of HBM) | – | – | – | – | {r['compile_s']:.0f} |")
             continue
         lines.append(
             f"| {r['chip']} | {r['program']} | {r['variant']} | {r['params']} | "
             f"{r['per_core']} | {r['batch']} | {_g(r['argument_bytes'])} | {_g(r['temp_bytes'])} "
             f"| {_g(r['peak_bytes'])} | {_g(r['budget_bytes'])} | "
             f"{'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e12:.2f} | "
-            f"{_seconds(r['optimal_seconds'])} | {r['pallas_custom_calls']} | "
+            f"{_roofline(r)} | {_seconds(r['optimal_seconds'])} | {r['pallas_custom_calls']} | "
             f"{r['compile_s']:.0f} |")
     if not rows:
-        lines.append("| (none compiled yet) | | | | | | | | | | | | | | |")
+        lines.append("| (none compiled yet) | | | | | | | | | | | | | | | |")
     lines.append("")
     ooms = [r for r in rows if r.get("largest")]
     if ooms:

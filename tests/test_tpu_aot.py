@@ -167,6 +167,21 @@ def test_out_of_memory_report_is_parsed():
             "`up_blocks_3/resnets_0/norm2/norm2/square`") in text
 
 
+def test_roofline_time_per_core():
+    sys.path.insert(0, REPO)
+    from benchmarks import tpu_aot
+
+    # bandwidth-bound on a v5e chip (197 TFLOP/s, 819 GB/s): 50.6 GB / 819 GB/s
+    rec = {"chip": "v5e-1", "flops": 7.34e12, "bytes_accessed": 50.6e9}
+    assert tpu_aot.roofline_seconds(rec) == pytest.approx(50.6e9 / 819e9)
+    # compute-bound on a v2 core (half a 46 TFLOP/s chip)
+    rec = {"chip": "v2-8", "flops": 25.9e12, "bytes_accessed": 1e9}
+    assert tpu_aot.roofline_seconds(rec) == pytest.approx(25.9 / 23.0)
+    # an out-of-memory compile has no costs
+    assert tpu_aot.roofline_seconds({"chip": "v2-8", "flops": -1.0, "bytes_accessed": -1.0}) \
+        is None
+
+
 def test_job_names_are_checked():
     sys.path.insert(0, REPO)
     from benchmarks import tpu_aot
