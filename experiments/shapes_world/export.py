@@ -4,7 +4,7 @@
         --workdir runs/exp --out assets/shapes_world/goal          # the best GOAL arm
     python -m experiments.shapes_world.export ... --arm goal --seed 1  # a given run
 
-Default run: the GOAL-family arm (any arm with α > 0 or β > 0) with the best mean oracle
+Default run: the GOAL-family arm (any arm with α > 0 or β > 0) with the best mean graded oracle
 score over its seeds (``report.best_goal_arm``), and its best seed (``report.best_seed``).
 
 The folder (``--out``) is a ``StableDiffusionGLIGENPipeline`` folder like the world's own:
@@ -101,7 +101,8 @@ def _scores(results: dict, arm: str, seed: int) -> dict:
     return {"run": {k: run["eval"][k] for k in ("score", "oracle", "clip", "categories")},
             "arm_mean": arm_summary(arm), "ldm_only_mean": arm_summary("ldm_only"),
             "base": arm_summary("base"),
-            "metric": "oracle verdict rate on the held-out evaluation layouts (0-1)"}
+            "metric": "score: the oracle's graded score, oracle: its all-or-nothing verdict "
+                      "rate, on the held-out evaluation layouts (0-1)"}
 
 
 def export(results_path: str, workdir: str, out: str, arm: str | None = None,
@@ -118,7 +119,7 @@ def export(results_path: str, workdir: str, out: str, arm: str | None = None,
     with open(results_path, encoding="utf-8") as f:
         results = json.load(f)
     chosen_by = "given" if arm is not None and seed is not None else (
-        "default: the GOAL-family arm with the best mean oracle score, its best seed"
+        "default: the GOAL-family arm with the best mean graded oracle score, its best seed"
         if arm is None else "arm given; its best seed")
     arm, seed = choose_run(results, arm, seed)
     run = next(r for r in results["runs"] if r["arm"] == arm and r["seed"] == seed)
@@ -193,9 +194,9 @@ def export(results_path: str, workdir: str, out: str, arm: str | None = None,
         shutil.rmtree(out)
     os.replace(tmp, out)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
-    log(f"[export] wrote {out} ({size / 2**20:.1f} MiB): {arm} seed {seed}, oracle "
-        f"{100 * record['scores']['run']['oracle']:.1f} (arm mean "
-        f"{100 * record['scores']['arm_mean']['oracle']:.1f})")
+    log(f"[export] wrote {out} ({size / 2**20:.1f} MiB): {arm} seed {seed}, graded oracle "
+        f"score {100 * record['scores']['run']['score']:.1f} (arm mean "
+        f"{100 * record['scores']['arm_mean']['score']:.1f})")
     return record
 
 
