@@ -251,3 +251,26 @@ def test_train_script_rejects_bad_config_before_loading(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
         assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_tpu_settings_stay_below_what_xla_refused():
+    """configs/goal.py TPU_SETTINGS (what the notebooks apply per TPU kind) against the XLA:TPU
+    compiles in benchmarks/tpu_aot.jsonl: no row asks for a batch per core at or above one that
+    XLA refused for that chip and parameter sharding (out of HBM), and every row names its kind
+    and evidence."""
+    assert goal.tpu_settings("TPU v2", 8)["kind"] == "v2-8"
+    assert goal.tpu_settings("TPU v5 lite", 1)["params"] == "replicated"
+    assert goal.tpu_settings("cpu", 1) is None and goal.tpu_settings("TPU v2", 4) is None
+    with open(os.path.join(REPO, "benchmarks", "tpu_aot.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    refused = [r for r in records if r.get("size") == "sd14" and r["program"] == "train"
+               and not r["fits"]]
+    assert refused, "the compile records hold no out-of-HBM train step to check against"
+    checked = 0
+    for row in goal.TPU_SETTINGS.values():
+        assert row["evidence"] and row["params"] in ("fsdp", "replicated")
+        for r in refused:
+            if r["chip"] == row["kind"] and r["params"] == row["params"]:
+                assert row["per_device_batch_size"] < r["per_core"], (row, r["variant"])
+                checked += 1
+    assert checked >= 2  # v2-8 at 2 per core and v5e-1 at batch 4 were refused
