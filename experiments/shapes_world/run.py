@@ -246,7 +246,7 @@ def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
     if os.path.isfile(path) and os.path.isfile(npz):
         have = _read_json(path)
         if have.get("settings") == settings:
-            return rescored(evaluator, path, have, np.load(npz)["images"])
+            return rescored(lambda: evaluator, path, have, np.load(npz)["images"])
     params, info = eval_lib.load_run_unet(os.path.join(run_dir, "checkpoints"), base_unet)
     check_trainable(run_dir, info["replaced"], expected_trainable)
     scores, images = evaluator.evaluate(params)
@@ -256,17 +256,17 @@ def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
     return scores, images
 
 
-def rescored(evaluator, path: str, have: dict, images: np.ndarray) -> tuple[dict, np.ndarray]:
+def rescored(get_evaluator, path: str, have: dict, images: np.ndarray
+             ) -> tuple[dict, np.ndarray]:
     """(scores, images) of stored samples: ``have`` (the eval.json at ``path``) when it was
     scored by this scorer (evaluate.SCORER), else the samples scored again (nothing is sampled;
-    ``evaluator``: the Evaluator or a function returning it) and ``path`` rewritten, keeping
+    ``get_evaluator()`` returns the Evaluator) and ``path`` rewritten, keeping
     its settings, wall time and checkpoint."""
     from experiments.shapes_world import evaluate as eval_lib
 
     if have.get("scorer") == eval_lib.SCORER:
         return have, images
-    ev = evaluator() if callable(evaluator) and not hasattr(evaluator, "score") else evaluator
-    scores = ev.score(images)
+    scores = get_evaluator().score(images)
     scores.update({k: have[k] for k in ("settings", "wall_s", "checkpoint") if k in have},
                   rescored_from=have.get("scorer", "oracle verdicts only"))
     _write_json(path, scores)
@@ -275,21 +275,22 @@ def rescored(evaluator, path: str, have: dict, images: np.ndarray) -> tuple[dict
     return scores, images
 
 
-def _workdir_reference(path: str, settings: dict, evaluator=None
+def _workdir_reference(path: str, settings: dict, get_evaluator=None
                        ) -> tuple[dict, np.ndarray] | None:
     """(scores, images) of a reference already scored in the workdir with ``settings``
-    (rescored from its images when an older scorer made it: ``evaluator`` is then needed)."""
+    (rescored from its images when an older scorer made it: ``get_evaluator`` is then
+    needed)."""
     npz = path.replace(".json", ".npz")
     if os.path.isfile(path) and os.path.isfile(npz) and _read_json(path).get("settings") == \
             settings:
-        return rescored(evaluator, path, _read_json(path), np.load(npz)["images"])
+        return rescored(get_evaluator, path, _read_json(path), np.load(npz)["images"])
     return None
 
 
 def _reference(evaluator, path: str, settings: dict, images_fn) -> tuple[dict, np.ndarray]:
     """Scores one reference (the world's renders, or the base world's samples) and saves it
     under ``<workdir>/references`` (skipped when there with ``settings``)."""
-    have = _workdir_reference(path, settings, evaluator)
+    have = _workdir_reference(path, settings, lambda: evaluator)
     if have is not None:
         return have
     npz = path.replace(".json", ".npz")
