@@ -218,9 +218,10 @@ def _sds(tree, shardings):
 
 
 def build_train(size_name: str, variant: str, params_mode: str, devices: list, per_core: int,
-                tokenizer_dir: str):
+                tokenizer_dir: str, fsdp_min_size: int | None = None):
     """(jitted step, abstract args) of the GOAL train step on a mesh over ``devices``:
-    FSDP = ('data' 1, 'fsdp' n), replicated = ('data' n, 'fsdp' 1)."""
+    FSDP = ('data' 1, 'fsdp' n), replicated = ('data' n, 'fsdp' 1); FSDP shards the arrays of
+    at least ``fsdp_min_size`` elements (None: the train config's default)."""
     import jax
     import jax.numpy as jnp
 
@@ -236,6 +237,8 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
     cfg.maa_resolution = size.maa_resolution
     n = len(devices)
     cfg.sharding.params = params_mode
+    if fsdp_min_size is not None:
+        cfg.sharding.fsdp_min_size = int(fsdp_min_size)
     mesh = (sharding.create_mesh(1, n, devices) if params_mode == "fsdp"
             else sharding.create_mesh(n, 1, devices))
     layers = bm.maa_layers_flax(size)
@@ -330,8 +333,10 @@ def _git_commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
-    """Traces, lowers and compiles ``job`` for its TPU topology; returns the JSONL record."""
+def compile_job(job: Job, size_name: str, tokenizer_dir: str,
+                fsdp_min_size: int | None = None) -> dict:
+    """Traces, lowers and compiles ``job`` for its TPU topology; returns the JSONL record
+    (``fsdp_min_size``: see :func:`build_train`; recorded when given)."""
     import jax
 
     from goal_jax.models import ops
@@ -350,11 +355,14 @@ def compile_job(job: Job, size_name: str, tokenizer_dir: str) -> dict:
     except Exception:  # libtpu installed some other way
         rec["libtpu"] = "unknown"
     rec["commit"] = _git_commit()
+    if fsdp_min_size is not None:
+        rec["fsdp_min_size"] = int(fsdp_min_size)
     start = time.perf_counter()
     with ops.target_platform("tpu"):
         if job.program == "train":
             jitted, args, params, mesh = build_train(size_name, job.variant, job.params,
-                                                     devices, job.per_core, tokenizer_dir)
+                                                     devices, job.per_core, tokenizer_dir,
+                                                     fsdp_min_size)
             rec["frozen_bytes_total"] = _bytes(args[1])
         else:
             jitted, args, params, mesh = build_sample(size_name, job.variant, devices,
@@ -623,6 +631,9 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=RESULTS, help="RESULTS.md to update, or 'none'")
     p.add_argument("--list", action="store_true", help="print the jobs and their state, exit")
     p.add_argument("--force", action="store_true", help="recompile jobs already in the JSONL")
+    p.add_argument("--fsdp_min_size", type=int, default=None,
+                   help="FSDP shards arrays of at least this many elements (default: the "
+                        "train config's, 2**14; the tiny size's arrays are mostly smaller)")
     p.add_argument("--report", action="store_true",
                    help="only rewrite --results from the JSONL's records (no compile)")
     args = p.parse_args(argv)
@@ -657,7 +668,7 @@ def main(argv=None) -> None:
                    if i else "")
             print(f"[{i + 1}/{len(todo)}] compiling {job.key} ({elapsed / 60:.1f} min "
                   f"so far{eta})", flush=True)
-            rec = compile_job(job, args.size, tok)
+            rec = compile_job(job, args.size, tok, args.fsdp_min_size)
             rec["command"] = "python -m benchmarks.tpu_aot " + " ".join(argv)
             if rec.get("oom"):
                 print(f"[{i + 1}/{len(todo)}] {job.key}: does not fit: {rec['oom_message']} "

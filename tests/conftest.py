@@ -56,7 +56,7 @@ SLOW_TESTS = frozenset({
     "test_train_step.py::test_parity_with_dropout_draws",
     "test_train_step.py::test_parity_with_pytorch_reference",
     "test_train_step.py::test_sd14_parameter_counts",
-    "test_tpu_aot.py::test_small_train_step_and_sampler_compile_for_v5e_2x2",
+    "test_tpu_aot.py::test_tiny_train_step_and_sampler_compile_for_v5e_2x2",
     "test_unet.py::test_attention_map_selection",
     "test_unet.py::test_attention_maps_and_remat_gradients_match_diffusers",
     "test_unet.py::test_checkpoint_errors",
