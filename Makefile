@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make test` and `make demo`.
 #   make test       creates .venv, installs goal_jax[test] (and Debian's chromium when no
-#                   Chromium is on the PATH), runs the whole pytest suite
+#                   Chromium is on the PATH), runs the whole pytest suite (prints the 25 slowest)
 #   make test-fast  the unit tests only (-m "not slow"; 98 CPU-seconds measured on 2 cores,
 #                   see tests/conftest.py)
 #   make lint       ruff over the whole tree (rules in pyproject.toml)
@@ -43,7 +43,7 @@ chromium:
 	command -v chromium
 
 test: $(STAMP) $(TPU_STAMP) chromium
-	$(PY) -m pytest -q -n auto --dist loadfile tests
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
