@@ -315,6 +315,29 @@ def test_mismatching_old_run_is_dropped_with_its_reason(smoke, tmp_path, capsys)
     assert sorted(again["arms"]) == ["goal"]
 
 
+def test_interrupted_session_keeps_the_runs_it_had_not_reached(smoke, tmp_path, monkeypatch):
+    """A new session whose first run fails (here: seed 1 trains first and raises) before it
+    reaches the restorable seed-0 runs still has them in results.json: nothing read from the
+    old file is lost when an invocation stops early."""
+    from experiments.shapes_world import run
+
+    def fail(spec, size, seed, overrides, run_dir):
+        raise RuntimeError(f"training {spec.name} seed {seed} stopped")
+
+    monkeypatch.setattr(run, "train_run", fail)
+    out = str(tmp_path / "stop" / "out")
+    shutil.copytree(smoke["out"], out)
+    argv = ["--world", smoke["argv"][1], "--workdir", str(tmp_path / "stop" / "work"), "--out",
+            out, "--size", "smoke", "--seeds", "1", "0"]
+    with pytest.raises(RuntimeError, match="training ldm_only seed 1 stopped"):
+        run.main(argv)
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        after = json.load(f)
+    assert [(r["arm"], r["seed"]) for r in after["runs"]] == [("ldm_only", 0), ("goal", 0)]
+    for a, b in zip(smoke["results"]["runs"], after["runs"]):
+        _same_run(a, b)
+
+
 def test_results_json_without_fingerprint_is_restored_by_path(smoke, tmp_path, capsys):
     """A results.json written before runs recorded their overrides and the world its
     fingerprint (the first full run's) is still restored: the overrides come from the arm's

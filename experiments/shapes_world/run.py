@@ -478,6 +478,10 @@ def run(args) -> dict:
     results_path = os.path.join(out, "results.json")
 
     def save():
+        # Restorable runs not reached yet are written as they were read: an invocation that
+        # stops early (an error, an interruption) must not drop them from results.json.
+        for key, old in restorable.items():
+            records.setdefault(key, old)
         names = all_arms()
         results["arms"] = {name: {"about": every[name].about,
                                   "spec": dataclasses.asdict(every[name]),
