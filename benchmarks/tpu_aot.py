@@ -358,7 +358,7 @@ def compile_job(job: Job, size_name: str, tokenizer_dir: str,
     if fsdp_min_size is not None:
         rec["fsdp_min_size"] = int(fsdp_min_size)
     start = time.perf_counter()
-    with ops.target_platform("tpu"):
+    with ops.target_platform("tpu", devices[0].device_kind):
         if job.program == "train":
             jitted, args, params, mesh = build_train(size_name, job.variant, job.params,
                                                      devices, job.per_core, tokenizer_dir,

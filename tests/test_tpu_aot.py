@@ -83,6 +83,40 @@ def test_tiny_train_step_and_sampler_compile_for_v5e_2x2(tmp_path):
     assert len(jsonl.read_text().splitlines()) == len(JOBS)
 
 
+KINDS_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from goal_jax.models import ops
+for topology in ("v2:2x2", "v3:2x2", "v5e:2x2"):
+    dev = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+    x = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16,
+                             sharding=jax.sharding.SingleDeviceSharding(dev))
+    def loss(q, k, v):
+        return ops.attention(q, k, v, implementation="pallas").astype(jnp.float32).sum()
+    with ops.target_platform("tpu", dev.device_kind):
+        text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, x, x).lower().as_text()
+        jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, x, x).lower().compile()
+    print("COMPILED", dev.device_kind, text.count("tpu_custom_call"))
+"""
+
+
+def test_pallas_attention_compiles_for_tpu_v2_v3_and_v5e():
+    """The fused attention's forward and backward in bfloat16 compile for TPU v2 and v3 (whose
+    Mosaic has no bfloat16 matmul: the kernel runs in float32 there) and v5e."""
+    env = dict(os.environ, PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_PLATFORMS", None)
+    if not os.path.isfile(TPU_PYTHON):
+        pytest.fail(f"{TPU_PYTHON} does not exist: run `make tpu-venv`")
+    proc = subprocess.run([TPU_PYTHON, "-c", KINDS_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [x.split() for x in proc.stdout.splitlines() if x.startswith("COMPILED")]
+    assert [" ".join(x[1:-1]) for x in lines] == ["TPU v2", "TPU v3", "TPU v5 lite"]
+    assert all(int(x[-1]) >= 3 for x in lines)  # forward + the two backward kernels
+
+
 OOM_SCRIPT = """
 import jax, jax.numpy as jnp
 from jax.experimental import topologies

@@ -58,23 +58,41 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "pallas", "cudnn")
 PALLAS_BLOCK = 128
 # The kernel takes a head dim of at most this, or a multiple of it (TPU vector lanes).
 PALLAS_LANES = 128
+# Mosaic (libtpu 0.0.42) cannot compile the flash kernel's bfloat16 / float16 matmuls for these
+# TPU generations ("E2001 CompileTimeMosaicUnsupportedRhsType: Unsupported matmul RHS type on
+# target: vector<128x128xbf16>"; float32 compiles; v4, v5e and v6e compile both), so
+# pallas_tpu_attention runs the kernel in float32 there (jax.devices()[0].device_kind).
+PALLAS_FLOAT32_KINDS = ("TPU v2", "TPU v3")
 _TARGET_PLATFORM: list[Optional[str]] = [None]
+_TARGET_DEVICE_KIND: list[Optional[str]] = [None]
 
 
 @contextlib.contextmanager
-def target_platform(platform: Optional[str]) -> Iterator[None]:
+def target_platform(platform: Optional[str],
+                    device_kind: Optional[str] = None) -> Iterator[None]:
     """Within the block, ``attention="auto"`` resolves for ``platform`` ("tpu", "gpu", "cpu")
-    instead of ``jax.default_backend()`` (tracing for an ahead-of-time TPU compile on a host
-    whose default backend is the CPU)."""
+    instead of ``jax.default_backend()``, and the Pallas kernel is built for ``device_kind``
+    (e.g. "TPU v2") instead of ``jax.devices()[0].device_kind`` (tracing for an ahead-of-time
+    TPU compile on a host whose default backend is the CPU)."""
     if platform not in (None, "tpu", "gpu", "cuda", "rocm", "cpu"):
         raise ValueError(f"target_platform: unknown platform {platform!r} "
                          "(expected 'tpu', 'gpu' or 'cpu')")
-    previous = _TARGET_PLATFORM[0]
-    _TARGET_PLATFORM[0] = platform
+    previous = _TARGET_PLATFORM[0], _TARGET_DEVICE_KIND[0]
+    _TARGET_PLATFORM[0], _TARGET_DEVICE_KIND[0] = platform, device_kind
     try:
         yield
     finally:
-        _TARGET_PLATFORM[0] = previous
+        _TARGET_PLATFORM[0], _TARGET_DEVICE_KIND[0] = previous
+
+
+def target_device_kind() -> Optional[str]:
+    """The device kind programs are built for: the :func:`target_platform` block's, else that
+    of ``jax.devices()[0]`` when the default backend is a TPU, else None."""
+    if _TARGET_DEVICE_KIND[0] is not None:
+        return _TARGET_DEVICE_KIND[0]
+    if _TARGET_PLATFORM[0] in (None, "tpu") and jax.default_backend() == "tpu":
+        return jax.devices()[0].device_kind
+    return None
 
 
 def resolve_attention(implementation: str, dtype=jnp.float32, head_dim: int = 64,
@@ -149,7 +167,9 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     rows are dropped. A head dim above 128 that is not a multiple of 128 (SD-1.4's 1280-channel
     blocks have 8 heads of 160) is zero-padded to the next multiple of 128, as the kernel
     requires: zero columns of q and k leave every logit unchanged and zero columns of v give
-    output columns that are dropped. Runs on TPU, or on any backend inside
+    output columns that are dropped. On the TPU kinds of ``PALLAS_FLOAT32_KINDS`` (v2, v3),
+    whose Mosaic compiler has no bfloat16 / float16 matmul, half-precision inputs are cast to
+    float32 for the kernel (the output is cast back). Runs on TPU, or on any backend inside
     ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (slow; for tests).
     """
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -163,6 +183,8 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     tp, sp = _round_up(t, block), _round_up(s, block)
     dp = _round_up(d, PALLAS_LANES) if d > PALLAS_LANES else d
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T|S, D]
+    if target_device_kind() in PALLAS_FLOAT32_KINDS and jnp.dtype(q.dtype).itemsize < 4:
+        qh, kh, vh = (x.astype(jnp.float32) for x in (qh, kh, vh))
     qh = jnp.pad(qh, ((0, 0), (0, 0), (0, tp - t), (0, dp - d)))
     kh, vh = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, dp - d))) for x in (kh, vh))
     segment_ids = None
