@@ -146,17 +146,16 @@ ABLATIONS = {
 TPU_SETTINGS = {
     ("TPU v2", 8): dict(kind="v2-8", per_device_batch_size=1, params="fsdp",
                         frozen_dtype="bfloat16", evidence="compiled: FSDP, 1 image per core, "
-                        "peak 5.60 of 8 GiB per core (einsum attention, float32 frozen); 2 per "
-                        "core does not fit (XLA asks 12.7-13.0 GiB per core, fused or einsum, "
-                        "lean or not)"),
+                        "peak 5.74 of 7.48 GiB per core (einsum attention, float32 frozen); 2 "
+                        "per core does not fit (XLA asks 12.7-13.0 GiB per core, fused or "
+                        "einsum, lean or not)"),
     ("TPU v3", 8): dict(kind="v3-8", per_device_batch_size=1, params="fsdp",
                         frozen_dtype="bfloat16", evidence="not compiled: the v2-8 program on "
                         "16 GiB cores"),
-    ("TPU v5 lite", 1): dict(kind="v5e-1", per_device_batch_size=1, params="replicated",
-                             frozen_dtype="bfloat16", evidence="compiled: batch 1, peak 11.24 "
-                             "of 16 GiB (einsum attention, float32 frozen); batch 4 does not "
-                             "fit (XLA asks 15.87 of 15.75 GiB, fused attention, float32 "
-                             "frozen)"),
+    ("TPU v5 lite", 1): dict(kind="v5e-1", per_device_batch_size=4, params="replicated",
+                             frozen_dtype="bfloat16", evidence="compiled: batch 4, peak 14.17 "
+                             "of 15.75 GiB (fused attention, bfloat16 frozen); with float32 "
+                             "frozen weights batch 4 does not fit (XLA asks 15.87 GiB)"),
     ("TPU v5 lite", 8): dict(kind="v5e-8", per_device_batch_size=1, params="fsdp",
                              frozen_dtype="bfloat16", evidence="not compiled: the v2-8 program "
                              "on 16 GiB chips"),
