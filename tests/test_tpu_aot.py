@@ -30,7 +30,9 @@ JOBS = ("v5e-4/train/bf16_remat/fsdp/1", "v5e-4/sample/bf16/replicated/1",
         "v5e-4/train/bf16_remat/replicated/1")
 
 
-def _run(args, tmp_path):
+def _tpu_python(argv, timeout):
+    """Runs the libtpu venv's python with ``argv`` in the repository; its stdout (the exit
+    status must be 0)."""
     if not os.path.isfile(TPU_PYTHON):
         pytest.fail(f"{TPU_PYTHON} does not exist: run `make tpu-venv` (made by `make test`) or "
                     "set GOAL_TPU_PYTHON to a python with jax[tpu]==0.10.2 and goal_jax")
@@ -38,10 +40,14 @@ def _run(args, tmp_path):
                TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)  # the test session's 8 simulated CPU devices
     env.pop("JAX_PLATFORMS", None)
-    proc = subprocess.run([TPU_PYTHON, "-m", "benchmarks.tpu_aot", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([TPU_PYTHON, *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def _run(args, tmp_path):
+    return _tpu_python(["-m", "benchmarks.tpu_aot", *args], timeout=1200)
 
 
 def test_tiny_train_step_and_sampler_compile_for_v5e_2x2(tmp_path):
@@ -103,16 +109,8 @@ for topology in ("v2:2x2", "v3:2x2", "v5e:2x2"):
 def test_pallas_attention_compiles_for_tpu_v2_v3_and_v5e():
     """The fused attention's forward and backward in bfloat16 compile for TPU v2 and v3 (whose
     Mosaic has no bfloat16 matmul: the kernel runs in float32 there) and v5e."""
-    env = dict(os.environ, PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
-    env.pop("JAX_PLATFORMS", None)
-    if not os.path.isfile(TPU_PYTHON):
-        pytest.fail(f"{TPU_PYTHON} does not exist: run `make tpu-venv`")
-    proc = subprocess.run([TPU_PYTHON, "-c", KINDS_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lines = [x.split() for x in proc.stdout.splitlines() if x.startswith("COMPILED")]
+    out = _tpu_python(["-c", KINDS_SCRIPT], timeout=600)
+    lines = [x.split() for x in out.splitlines() if x.startswith("COMPILED")]
     assert [" ".join(x[1:-1]) for x in lines] == ["TPU v2", "TPU v3", "TPU v5 lite"]
     assert all(int(x[-1]) >= 3 for x in lines)  # forward + the two backward kernels
 
@@ -139,16 +137,8 @@ def test_out_of_memory_compile_is_a_measurement(tmp_path):
     """XLA:TPU refuses a program that needs more than a core's HBM; tpu_aot records the refusal
     (the temporaries XLA asked for, the HBM it had) as a "does not fit" row. Checked against
     libtpu's own message for a v5e chip (16 GiB): a 16 GiB intermediate that must be sorted."""
-    env = dict(os.environ, PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
-    env.pop("JAX_PLATFORMS", None)
-    if not os.path.isfile(TPU_PYTHON):
-        pytest.fail(f"{TPU_PYTHON} does not exist: run `make tpu-venv`")
-    proc = subprocess.run([TPU_PYTHON, "-c", OOM_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith(("PARSED", "COMPILED")))
+    out = _tpu_python(["-c", OOM_SCRIPT], timeout=600)
+    line = next(x for x in out.splitlines() if x.startswith(("PARSED", "COMPILED")))
     assert line.startswith("PARSED {"), line
     rec = eval(line[len("PARSED "):])  # a dict literal printed by the subprocess
     assert rec["oom"] is True
