@@ -46,7 +46,7 @@ def _tpu_python(argv, timeout):
     return proc.stdout
 
 
-def _run(args, tmp_path):
+def _run(args):
     return _tpu_python(["-m", "benchmarks.tpu_aot", *args], timeout=1200)
 
 
@@ -54,7 +54,7 @@ def test_tiny_train_step_and_sampler_compile_for_v5e_2x2(tmp_path):
     jsonl, results = tmp_path / "tpu.jsonl", tmp_path / "RESULTS.md"
     args = ["--size", "tiny", "--only", ",".join(JOBS), "--jsonl", str(jsonl),
             "--results", str(results), "--fsdp_min_size", "64"]
-    out = _run(args, tmp_path)
+    out = _run(args)
     assert f"[{len(JOBS)}/{len(JOBS)}]" in out
     records = {f"{r['chip']}/{r['program']}/{r['variant']}/{r['params']}/{r['per_core']}": r
                for r in map(json.loads, jsonl.read_text().splitlines())}
@@ -84,7 +84,7 @@ def test_tiny_train_step_and_sampler_compile_for_v5e_2x2(tmp_path):
         chip, program, variant, params, per_core = key.split("/")
         assert f"| {chip} | {program} | {variant} | {params} | {per_core} |" in text
     # Resumable: a second run finds both jobs in the JSONL and compiles nothing.
-    again = _run(args, tmp_path)
+    again = _run(args)
     assert f"{len(JOBS)} already in" in again and "0 to compile" in again
     assert len(jsonl.read_text().splitlines()) == len(JOBS)
 
@@ -100,9 +100,9 @@ for topology in ("v2:2x2", "v3:2x2", "v5e:2x2"):
     def loss(q, k, v):
         return ops.attention(q, k, v, implementation="pallas").astype(jnp.float32).sum()
     with ops.target_platform("tpu", dev.device_kind):
-        text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, x, x).lower().as_text()
-        jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, x, x).lower().compile()
-    print("COMPILED", dev.device_kind, text.count("tpu_custom_call"))
+        lowered = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, x, x).lower()
+        lowered.compile()
+    print("COMPILED", dev.device_kind, lowered.as_text().count("tpu_custom_call"))
 """
 
 

@@ -95,7 +95,8 @@ def test_world_recipe_smoke(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "scripts", "world.py"),
            "--config", os.path.join(REPO, "configs", "world.py") + ":smoke",
            "--workdir", str(work), "--out", str(out)]
-    # The three runs share JAX's persistent compilation cache: the reruns compile nothing new.
+    # The three runs share JAX's persistent compilation cache, so the reruns can reuse the
+    # programs the first run compiled.
     env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]

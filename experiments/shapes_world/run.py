@@ -449,6 +449,10 @@ def run(args) -> dict:
             print(f"[experiment] kept {label} from {previous.path}{previous.world_note}",
                   flush=True)
 
+    # Restorable runs are recorded as read until the loop below reaches them, so an invocation
+    # that stops early (an error, an interruption) does not drop them from results.json.
+    records.update(restorable)
+
     def all_arms():
         return sorted({a for a, _ in records} | set(specs), key=order.get)
 
@@ -478,10 +482,6 @@ def run(args) -> dict:
     results_path = os.path.join(out, "results.json")
 
     def save():
-        # Restorable runs not reached yet are written as they were read: an invocation that
-        # stops early (an error, an interruption) must not drop them from results.json.
-        for key, old in restorable.items():
-            records.setdefault(key, old)
         names = all_arms()
         results["arms"] = {name: {"about": every[name].about,
                                   "spec": dataclasses.asdict(every[name]),
