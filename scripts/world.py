@@ -5,6 +5,8 @@
     python scripts/world.py ... --config.ldm.steps=4000      # any field can be overridden
     python scripts/world.py --config configs/world.py --workdir runs/gligen --out runs/gligen/out \
         --base assets/shapes_world     # only the GLIGEN stage, on the shipped VAE/CLIP/LDM
+    python scripts/world.py ... --base assets/shapes_world --from_stage ldm \
+        --config.model.unet.channels=64,96,96   # a new U-Net on the shipped VAE/CLIP
 
 Stages, in order (each logs progress with ETA, saves its state every ``save_every`` steps and
 resumes from there; a finished stage is only reloaded): render the data, train the VAE, train
@@ -30,9 +32,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "World config file with an optional preset: configs/world.py:smoke.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Working folder (rendered data, stage checkpoints).")
 flags.DEFINE_string("out", None, "Output folder (pipeline/, clip/, world.json).")
-flags.DEFINE_string("base", None, "Rerun only the GLIGEN stage (then export and evaluate) on the "
-                    "VAE, CLIP and LDM U-Net of the world in this folder (pipeline/, clip/, "
-                    "world.json), e.g. assets/shapes_world.")
+flags.DEFINE_string("base", None, "Rerun the stages from --from_stage on (then export and "
+                    "evaluate) on the earlier stages of the world in this folder (pipeline/, "
+                    "clip/, world.json), e.g. assets/shapes_world.")
+flags.DEFINE_enum("from_stage", "gligen", ["ldm", "gligen"], "With --base: the first stage to "
+                  "rerun. gligen: only the GLIGEN stage, on the base's VAE, CLIP and LDM U-Net; "
+                  "ldm: the LDM and GLIGEN stages (a new U-Net), on the base's VAE and CLIP.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -46,8 +51,13 @@ def main(argv) -> None:
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if flags.FLAGS.base:
-        recipe.run_gligen_stage(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out,
-                                flags.FLAGS.base, command=command)
+        try:
+            recipe.check_base(_CONFIG.value, flags.FLAGS.base, flags.FLAGS.from_stage)
+        except ValueError as e:
+            print(f"error: --base: {e}", file=sys.stderr)
+            sys.exit(2)
+        recipe.run_from_base(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out,
+                             flags.FLAGS.base, flags.FLAGS.from_stage, command=command)
     else:
         recipe.run(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out, command=command)
 

@@ -145,6 +145,29 @@ def test_world_recipe_smoke(tmp_path):
     gates = [float(v) for k, v in new.items() if k.endswith("alpha_attn")]
     assert gates and all(abs(g - 0.5) < 0.01 for g in gates)  # gate_init 0.5, 4 small steps
 
+    # --from_stage ldm: a new U-Net (3 levels) trained on the base world's VAE / CLIP.
+    out3 = tmp_path / "out3"
+    fourth = subprocess.run(cmd[:-4] + ["--workdir", str(tmp_path / "work3"), "--out", str(out3),
+                                        "--base", str(out), "--from_stage", "ldm",
+                                        "--config.model.unet.channels=(16,32,32)",
+                                        "--config.model.unet.attention=(False,True,True)"],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "[ldm] step 4/4" in fourth.stdout and "[gligen] step 4/4" in fourth.stdout
+    assert "[vae] step" not in fourth.stdout and "[clip] step" not in fourth.stdout
+    third_level = json.loads((out3 / "world.json").read_text())
+    assert third_level["stages"]["vae"] == dict(record["stages"]["vae"], reused_from=str(out))
+    assert "reused_from" not in third_level["stages"]["ldm"]
+    unet_config = json.loads((out3 / "pipeline" / "unet" / "config.json").read_text())
+    assert unet_config["block_out_channels"] == [16, 32, 32]
+    assert unet_config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D",
+                                               "CrossAttnDownBlock2D"]
+    np.testing.assert_array_equal(  # the base's VAE, as it was
+        weights.load_component(str(out3 / "pipeline" / "vae"), "vae")[1]["decoder"]["conv_out"]
+        ["kernel"],
+        weights.load_component(str(out / "pipeline" / "vae"), "vae")[1]["decoder"]["conv_out"]
+        ["kernel"])
+
     # The exported pipeline loads in diffusers and samples; the CLIP folder in transformers.
     import diffusers
     import transformers
@@ -158,6 +181,42 @@ def test_world_recipe_smoke(tmp_path):
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
     clip = transformers.CLIPModel.from_pretrained(str(out / "clip"))
     assert clip.config.vision_config.image_size == 32
+
+
+def test_base_world_is_checked_before_a_rerun(tmp_path):
+    """--base names what is wrong with the base folder, before anything is trained."""
+    sys.path.insert(0, REPO)
+    from configs import world as world_config
+    from goal_jax.world import recipe
+
+    config = world_config.get_config("smoke")
+    with pytest.raises(ValueError, match=r"is not a world folder: it has no world.json, "
+                                         r"pipeline/unet, .*clip"):
+        recipe.check_base(config, str(tmp_path), "gligen")
+    for sub in ("pipeline/unet", "pipeline/vae", "pipeline/text_encoder", "pipeline/tokenizer",
+                "clip"):
+        (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / "world.json").write_text(json.dumps({"config": json.loads(config.to_json())}))
+    assert recipe.check_base(config, str(tmp_path), "gligen")["config"]["seed"] == 0
+    with pytest.raises(ValueError, match="from_stage 'vae'"):
+        recipe.check_base(config, str(tmp_path), "vae")
+    config.model.unet.channels = (16, 32, 32)
+    config.model.unet.attention = (False, True, True)
+    assert recipe.check_base(config, str(tmp_path), "ldm")  # a new U-Net: allowed from ldm on
+    with pytest.raises(ValueError, match=r"config.model.unet differs from the base world's .*"
+                                         r"from 'gligen' on can only be rerun on the same"):
+        recipe.check_base(config, str(tmp_path), "gligen")
+    config.model.vae.latent_channels = 8
+    with pytest.raises(ValueError, match="config.model.vae differs"):
+        recipe.check_base(config, str(tmp_path), "ldm")
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "world.py"),
+                          "--config", os.path.join(REPO, "configs", "world.py") + ":smoke",
+                          "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                          "--base", str(tmp_path / "missing")],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO),
+                         timeout=300)
+    assert bad.returncode == 2
+    assert "error: --base: base world" in bad.stderr and "has no world.json" in bad.stderr
 
 
 def test_timestep_sampling_and_loss_weighting():

@@ -155,21 +155,53 @@ def _gligen_and_export(config, workdir: str, out: str, unet, unet_params, text_e
     return record
 
 
-def run_gligen_stage(config, workdir: str, out: str, base: str, command: str = "",
-                     log=print) -> dict:
-    """Reruns only the GLIGEN stage (and the export and evaluation) on the VAE, CLIP and
-    LDM-pretrained U-Net of the world at ``base`` (a folder with ``pipeline/``, ``clip/`` and
-    ``world.json``, e.g. assets/shapes_world): for a change of the GLIGEN stage's settings
-    without the ~60 minutes of the other stages. The base's GLIGEN layers are discarded (they
-    restart from the same initialisation as in :func:`run`); world.json keeps the base's
-    records of the other stages under ``stages`` (each with ``"reused_from": base``)."""
+BASE_STAGES = ("ldm", "gligen")
+
+
+def check_base(config, base: str, from_stage: str) -> dict:
+    """The base world's world.json record, after checking that ``base`` holds a world
+    (world.json, pipeline/, clip/) whose data and reused models match ``config`` for a rerun
+    from ``from_stage`` (see :func:`run_from_base`); ValueError naming what is wrong."""
+    if from_stage not in BASE_STAGES:
+        raise ValueError(f"from_stage {from_stage!r}: expected one of {BASE_STAGES}")
+    needed = ("world.json", "pipeline/unet", "pipeline/vae", "pipeline/text_encoder",
+              "pipeline/tokenizer", "clip")
+    missing = [p for p in needed if not os.path.exists(os.path.join(base, p))]
+    if missing:
+        raise ValueError(f"base world {base} is not a world folder: it has no {', '.join(missing)}")
     with open(os.path.join(base, "world.json"), encoding="utf-8") as f:
         base_record = json.load(f)
-    for key in ("data", "model"):
-        if json.dumps(base_record["config"][key], sort_keys=True) != config[key].to_json(
-                sort_keys=True):
+    same = {"data": config.data, "model.vae": config.model.vae, "model.clip": config.model.clip}
+    if from_stage == "gligen":
+        same["model.unet"] = config.model.unet
+    for key, value in same.items():
+        theirs = base_record["config"]
+        for part in key.split("."):
+            theirs = theirs[part]
+        if json.dumps(theirs, sort_keys=True) != value.to_json(sort_keys=True):
             raise ValueError(f"config.{key} differs from the base world's ({base}/world.json): "
-                             "the GLIGEN stage can only be rerun on the same data and models")
+                             f"the stages from {from_stage!r} on can only be rerun on the same "
+                             f"{key}")
+    return base_record
+
+
+def run_from_base(config, workdir: str, out: str, base: str, from_stage: str = "gligen",
+                  command: str = "", log=print) -> dict:
+    """Reruns the recipe from stage ``from_stage`` (then the export and evaluation) on the
+    earlier stages of the world at ``base`` (a folder with ``pipeline/``, ``clip/`` and
+    ``world.json``, e.g. assets/shapes_world), for a change of the later stages' settings
+    without the cost of the earlier ones:
+
+    * ``gligen``: only the GLIGEN stage, on the base's VAE, CLIP and LDM-pretrained U-Net (its
+      GLIGEN layers are discarded and restart from the same initialisation as in :func:`run`);
+      ``config.model.unet`` must equal the base's.
+    * ``ldm``: the LDM and GLIGEN stages from the initialisation, on the base's VAE and CLIP;
+      ``config.model.unet`` and the ``ldm`` / ``gligen`` settings may differ from the base's.
+
+    ``config.data``, ``model.vae`` and ``model.clip`` must equal the base's. world.json keeps
+    the base's records of the reused stages under ``stages`` (each with ``"reused_from":
+    base``)."""
+    base_record = check_base(config, base, from_stage)
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     train_split, heldout = _render_splits(config, workdir, timings, log)
@@ -186,10 +218,16 @@ def run_gligen_stage(config, workdir: str, out: str, base: str, command: str = "
     latents, cache = _latents_and_texts(config, workdir, vae, vae_params, tokenizer,
                                         train_split, timings, log)
     unet = unet_stage.build(config, text_config["hidden_size"])
-    _, base_unet_params = weights.load_component(os.path.join(pipeline, "unet"), "unet")
-    unet_params = unet_stage.fresh_gligen(base_unet_params,
-                                          models.init_params(unet, config.seed + 3))
-    stages = {k: dict(base_record["stages"][k], reused_from=base) for k in ("vae", "clip", "ldm")}
+    init = models.init_params(unet, config.seed + 3)
+    reused = ("vae", "clip") if from_stage == "ldm" else ("vae", "clip", "ldm")
+    stages = {k: dict(base_record["stages"][k], reused_from=base) for k in reused}
+    if from_stage == "ldm":
+        stages["ldm"], unet_params = unet_stage.train(config, workdir, "ldm", init,
+                                                      text_encoder, text_params, latents,
+                                                      cache, log)
+    else:
+        _, base_unet_params = weights.load_component(os.path.join(pipeline, "unet"), "unet")
+        unet_params = unet_stage.fresh_gligen(base_unet_params, init)
     return _gligen_and_export(config, workdir, out, unet, unet_params, text_encoder,
                               text_config, text_params, latents, cache, heldout, stages,
                               timings, command, log)
