@@ -27,9 +27,7 @@ Fields:
     ldm/gligen.ema_decay, caption_dropout, gligen.grounding_dropout,
     ldm/gligen.timesteps ("uniform" | "cubic": t = (1 - u^3) T, noisy steps favoured),
     ldm/gligen.loss_weighting ("eps" | "x0_clipped": epsilon MSE x clip(1/SNR, 1, 10)),
-    gligen.gate_init (start value of every gated self-attention gate; GLIGEN uses 0),
-    gligen.train_base (False: GLIGEN's recipe, only fuser/ and position_net/ learn; True:
-      the whole U-Net learns in the GLIGEN stage, a measured trial in docs/world.md).
+    gligen.gate_init (start value of every gated self-attention gate; GLIGEN uses 0).
   eval
     layouts       int, held-out layouts sampled for the report (two-object ones).
     num_steps, guidance_scale, beta: sampler settings (DDIM).
@@ -78,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (docs/world.md, "Why the GLIGEN stage departs from GLIGEN's settings").
     c.gligen = _stage(steps=1200, batch_size=32, learning_rate=1e-3, ema_decay=0.998,
                       caption_dropout=0.5, grounding_dropout=0.1, gate_init=0.5,
-                      timesteps="cubic", loss_weighting="x0_clipped", train_base=False)
+                      timesteps="cubic", loss_weighting="x0_clipped")
     c.eval = ml_collections.ConfigDict(dict(layouts=96, num_steps=25, guidance_scale=5.0,
                                             beta=1.0))
     if preset == "smoke":

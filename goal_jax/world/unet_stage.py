@@ -164,8 +164,6 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
     unet = build(config, text_encoder.config.hidden_size, dtype)
     sched = schedule_lib.DDPMSchedule.from_config(models.SCHEDULER_CONFIG)
     trainable, frozen = split_params(unet_params, gligen)
-    if gligen and c.get("train_base", False):  # a trial: the whole U-Net learns the boxes
-        trainable, frozen = {**trainable, **frozen}, {}
     tx = stage.adamw(c.learning_rate, c.steps, warmup=c.warmup)
     state = stage.init_state(trainable, tx, ema=True)
     frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
