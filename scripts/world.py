@@ -6,7 +6,8 @@
     python scripts/world.py --config configs/world.py --workdir runs/gligen --out runs/gligen/out \
         --base assets/shapes_world     # only the GLIGEN stage, on the shipped VAE/CLIP/LDM
     python scripts/world.py ... --base assets/shapes_world --from_stage ldm \
-        --config.model.unet.channels=64,96,96   # a new U-Net on the shipped VAE/CLIP
+        --config.model.unet.channels="(64,96,96)" \
+        --config.model.unet.attention="(False,True,True)"   # a new U-Net, shipped VAE/CLIP
 
 Stages, in order (each logs progress with ETA, saves its state every ``save_every`` steps and
 resumes from there; a finished stage is only reloaded): render the data, train the VAE, train
@@ -50,6 +51,10 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if flags.FLAGS["from_stage"].present and not flags.FLAGS.base:
+        print("error: --from_stage needs --base (the world whose earlier stages are reused)",
+              file=sys.stderr)
+        sys.exit(2)
     if flags.FLAGS.base:
         try:
             recipe.check_base(_CONFIG.value, flags.FLAGS.base, flags.FLAGS.from_stage)

@@ -217,6 +217,10 @@ def test_base_world_is_checked_before_a_rerun(tmp_path):
                          timeout=300)
     assert bad.returncode == 2
     assert "error: --base: base world" in bad.stderr and "has no world.json" in bad.stderr
+    lone = subprocess.run(bad.args[:-2] + ["--from_stage", "ldm"], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert lone.returncode == 2
+    assert "error: --from_stage needs --base" in lone.stderr
 
 
 def test_timestep_sampling_and_loss_weighting():
