@@ -56,13 +56,12 @@ def main(argv) -> None:
               file=sys.stderr)
         sys.exit(2)
     if flags.FLAGS.base:
-        try:
-            recipe.check_base(_CONFIG.value, flags.FLAGS.base, flags.FLAGS.from_stage)
-        except ValueError as e:
+        try:  # run_from_base checks the base before anything runs
+            recipe.run_from_base(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out,
+                                 flags.FLAGS.base, flags.FLAGS.from_stage, command=command)
+        except recipe.BaseWorldError as e:
             print(f"error: --base: {e}", file=sys.stderr)
             sys.exit(2)
-        recipe.run_from_base(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out,
-                             flags.FLAGS.base, flags.FLAGS.from_stage, command=command)
     else:
         recipe.run(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.out, command=command)
 

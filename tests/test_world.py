@@ -190,7 +190,7 @@ def test_base_world_is_checked_before_a_rerun(tmp_path):
     from goal_jax.world import recipe
 
     config = world_config.get_config("smoke")
-    with pytest.raises(ValueError, match=r"is not a world folder: it has no world.json, "
+    with pytest.raises(recipe.BaseWorldError, match=r"is not a world folder: it has no world.json, "
                                          r"pipeline/unet, .*clip"):
         recipe.check_base(config, str(tmp_path), "gligen")
     for sub in ("pipeline/unet", "pipeline/vae", "pipeline/text_encoder", "pipeline/tokenizer",

@@ -158,17 +158,22 @@ def _gligen_and_export(config, workdir: str, out: str, unet, unet_params, text_e
 BASE_STAGES = ("ldm", "gligen")
 
 
+class BaseWorldError(ValueError):
+    """The ``--base`` world cannot serve a rerun (see :func:`check_base`)."""
+
+
 def check_base(config, base: str, from_stage: str) -> dict:
     """The base world's world.json record, after checking that ``base`` holds a world
     (world.json, pipeline/, clip/) whose data and reused models match ``config`` for a rerun
-    from ``from_stage`` (see :func:`run_from_base`); ValueError naming what is wrong."""
+    from ``from_stage`` (see :func:`run_from_base`); BaseWorldError naming what is wrong."""
     if from_stage not in BASE_STAGES:
-        raise ValueError(f"from_stage {from_stage!r}: expected one of {BASE_STAGES}")
+        raise BaseWorldError(f"from_stage {from_stage!r}: expected one of {BASE_STAGES}")
     needed = ("world.json", "pipeline/unet", "pipeline/vae", "pipeline/text_encoder",
               "pipeline/tokenizer", "clip")
     missing = [p for p in needed if not os.path.exists(os.path.join(base, p))]
     if missing:
-        raise ValueError(f"base world {base} is not a world folder: it has no {', '.join(missing)}")
+        raise BaseWorldError(f"base world {base} is not a world folder: it has no "
+                             f"{', '.join(missing)}")
     with open(os.path.join(base, "world.json"), encoding="utf-8") as f:
         base_record = json.load(f)
     same = {"data": config.data, "model.vae": config.model.vae, "model.clip": config.model.clip}
@@ -179,9 +184,9 @@ def check_base(config, base: str, from_stage: str) -> dict:
         for part in key.split("."):
             theirs = theirs[part]
         if json.dumps(theirs, sort_keys=True) != value.to_json(sort_keys=True):
-            raise ValueError(f"config.{key} differs from the base world's ({base}/world.json): "
-                             f"the stages from {from_stage!r} on can only be rerun on the same "
-                             f"{key}")
+            raise BaseWorldError(f"config.{key} differs from the base world's "
+                                 f"({base}/world.json): the stages from {from_stage!r} on can "
+                                 f"only be rerun on the same {key}")
     return base_record
 
 
