@@ -89,6 +89,25 @@ def test_grounding_arrays_names_an_item_with_too_many_objects():
         data.grounding_arrays(records, 2)
 
 
+def test_mirror_boxes_moves_places_not_sizes():
+    from goal_jax.world import evaluate as world_eval
+
+    boxes = [[0.1, 0.2, 0.4, 0.9], [0.5, 0.0, 0.75, 0.25]]
+    mirrored = world_eval.mirror_boxes(boxes)
+    np.testing.assert_allclose(mirrored, [[0.6, 0.2, 0.9, 0.9], [0.25, 0.0, 0.5, 0.25]])
+    np.testing.assert_allclose(world_eval.mirror_boxes(mirrored), boxes)  # an involution
+    for array in (np.asarray(boxes)[None], jnp.asarray(boxes)[None]):  # [B, N, 4] arrays
+        out = world_eval.mirror_boxes(array)
+        assert type(out) is type(array) and out.shape == (1, 2, 4)
+        np.testing.assert_allclose(np.asarray(out)[0], mirrored, rtol=1e-6)
+    items = [{"caption": "a red circle", "phrases": ["a red circle"], "boxes": boxes[:1],
+              "seed": 3}]
+    (item,) = world_eval.mirrored_items(items)
+    assert item["boxes"] == mirrored[:1] and items[0]["boxes"] == boxes[:1]
+    assert {k: item[k] for k in ("caption", "phrases", "seed")} == \
+        {"caption": "a red circle", "phrases": ["a red circle"], "seed": 3}
+
+
 def test_world_recipe_smoke(tmp_path):
     """Every stage for 4 steps at tiny sizes, then a rerun that only reloads (resume)."""
     work, out = tmp_path / "work", tmp_path / "out"
@@ -110,6 +129,13 @@ def test_world_recipe_smoke(tmp_path):
     assert set(record["stages"]) == {"vae", "clip", "ldm", "gligen"}
     assert record["evaluation"]["ground truth"]["boxes"]["present"] == 1.0
     assert 0 <= record["evaluation"]["world"]["boxes"]["present"] <= 1
+    assert 0 <= record["evaluation"]["world, boxes mirrored"]["boxes"]["present"] <= 1
+    # The renders flipped left-right, scored against the true boxes: objects move off the
+    # boxes that are not symmetric about x = 0.5.
+    assert record["evaluation"]["ground truth, boxes mirrored"]["boxes"]["present"] < 1.0
+    for row in record["evaluation"]["grounding_gap"].values():
+        for v in row.values():
+            assert np.isclose(v["position_gap"], 1 - v["grounded"] / v["mirrored"], atol=1e-4)
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (out / "pipeline" / sub).is_dir()
     assert (out / "world_samples.png").is_file()

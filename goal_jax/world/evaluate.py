@@ -41,6 +41,26 @@ def heldout_items(split, n: int, categories: Sequence[str] | None = None,
     return out
 
 
+def mirror_boxes(boxes):
+    """xyxy boxes in [0, 1] mirrored left-right (x -> 1 - x): the same sizes, other places.
+    ``boxes``: a list of [x0, y0, x1, y1] (returns a list) or an array [..., 4] (numpy or jax;
+    returns the same kind)."""
+    if isinstance(boxes, (list, tuple)):
+        return [[1.0 - b[2], b[1], 1.0 - b[0], b[3]] for b in boxes]
+    if isinstance(boxes, np.ndarray):
+        xp = np
+    else:
+        import jax.numpy as xp
+    return xp.stack([1.0 - boxes[..., 2], boxes[..., 1], 1.0 - boxes[..., 0], boxes[..., 3]],
+                    axis=-1)
+
+
+def mirrored_items(items: Sequence[dict]) -> list[dict]:
+    """``items`` with every box mirrored left-right (:func:`mirror_boxes`); captions, phrases
+    and seeds unchanged: the control of a box-following test."""
+    return [dict(it, boxes=mirror_boxes(it["boxes"])) for it in items]
+
+
 def fixed_layouts(n: int, categories: Sequence[str] = ("color", "texture", "spatial"),
                   resolution: int = 64) -> list[dict]:
     """The first ``n`` two-object items of the world's ``test`` split (never trained on) in
@@ -154,12 +174,16 @@ def layout_grid(rows: Sequence[tuple[str, np.ndarray]], items: Sequence[dict], p
 def grounding_gap(pipeline, split, unet_params=None, num_items: int = 256,
                   timesteps: Sequence[int] = (200, 500, 800), max_boxes: int = 4,
                   seed: int = 0, batch_size: int = 64) -> dict:
-    """Does the U-Net use its grounding? The epsilon MSE of the first ``num_items`` items of
-    ``split`` (a world.data.WorldSplit) at each of ``timesteps``, with their boxes and phrases
-    ("grounded") and with every box masked ("ungrounded"), once with the captions and once with
-    the empty caption; ``gap`` = 1 - grounded / ungrounded (0: the boxes change nothing).
-    Same noise for both. -> {"t=<t>": {"caption" | "empty caption": {"grounded",
-    "ungrounded", "gap"}}}."""
+    """Does the U-Net use its grounding, and its boxes' places? The epsilon MSE of the first
+    ``num_items`` items of ``split`` (a world.data.WorldSplit) at each of ``timesteps``, with
+    their boxes and phrases ("grounded"), with every box masked ("ungrounded") and with every
+    box mirrored left-right ("mirrored": the same phrases and box sizes, other places), once
+    with the captions and once with the empty caption; the same noise for all three.
+    ``gap`` = 1 - grounded / ungrounded: what the grounding input is worth (0: nothing);
+    ``position_gap`` = 1 - grounded / mirrored: what the boxes' *places* are worth (0: the
+    phrases alone explain the gap; a U-Net that grounds its phrases in their boxes has a
+    position gap close to its gap). -> {"t=<t>": {"caption" | "empty caption": {"grounded",
+    "ungrounded", "mirrored", "gap", "position_gap"}}}."""
     import jax
     import jax.numpy as jnp
 
@@ -183,8 +207,9 @@ def grounding_gap(pipeline, split, unet_params=None, num_items: int = 256,
         z0 = p.vae.apply({"params": p.vae_params}, z0, method=p.vae.encode).mean * scaling
         z_t = schedule_lib.add_noise(sched, z0, noise, t)
         out = []
-        for mk in (masks, jnp.zeros_like(masks)):
-            g = {"boxes": boxes, "masks": mk, "phrase_embeds": pooled * mk[..., None]}
+        for bx, mk in ((boxes, masks), (boxes, jnp.zeros_like(masks)),
+                       (mirror_boxes(boxes), masks)):
+            g = {"boxes": bx, "masks": mk, "phrase_embeds": pooled * mk[..., None]}
             eps = p.unet.apply({"params": params}, z_t, t, context, g)
             out.append(jnp.mean((eps - noise) ** 2))
         return jnp.stack(out)
@@ -197,7 +222,7 @@ def grounding_gap(pipeline, split, unet_params=None, num_items: int = 256,
     for tv in timesteps:
         row = {}
         for label in ("caption", "empty caption"):
-            sums = np.zeros(2)
+            sums = np.zeros(3)
             for s in range(0, n, batch_size):
                 sl = slice(s, s + batch_size)
                 ids = cache.captions[sl] if label == "caption" else np.broadcast_to(
@@ -210,10 +235,12 @@ def grounding_gap(pipeline, split, unet_params=None, num_items: int = 256,
                                           jnp.asarray(cache.masks[sl]),
                                           jnp.full((batch_size,), tv, jnp.int32),
                                           jnp.asarray(noise)))
-            grounded, ungrounded = sums / (n // batch_size)
+            grounded, ungrounded, mirrored = sums / (n // batch_size)
             row[label] = {"grounded": round(float(grounded), 6),
                           "ungrounded": round(float(ungrounded), 6),
-                          "gap": round(float(1.0 - grounded / ungrounded), 5)}
+                          "mirrored": round(float(mirrored), 6),
+                          "gap": round(float(1.0 - grounded / ungrounded), 5),
+                          "position_gap": round(float(1.0 - grounded / mirrored), 5)}
         result[f"t={tv}"] = row
     return result
 
