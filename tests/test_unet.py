@@ -21,7 +21,7 @@ from diffusers.models.attention import GatedSelfAttentionDense
 from diffusers.models.attention_processor import AttnProcessor
 from flax import traverse_util
 
-from goal_jax import weights
+from goal_jax import diffusers_fuser, weights
 from goal_jax.models import unet as unet_lib
 
 torch.set_num_threads(1)  # 2 shared cores: torch's thread pool only adds contention
@@ -408,6 +408,65 @@ def test_export_round_trip_to_diffusers(tmp_path):
     assert d <= TOL and same
 
 
+def test_fuser_position_embedding_acts_in_the_fusers_only(tmp_path):
+    """goal_jax's fuser position embedding: same parameters as diffusers' GLIGEN U-Net, the
+    config key diffusers ignores; without grounding the output equals diffusers', with it the
+    visual tokens' places change the output (diffusers, which drops the embedding, differs)."""
+    from goal_jax.models import attention as attention_lib
+
+    config = unet_lib.UNet2DConditionConfig.from_dict(
+        dict(GATED2, fuser_position_embedding="sinusoidal_2d"))
+    assert config.fuser_position_embedding == "sinusoidal_2d"
+    assert unet_lib.UNet2DConditionConfig.from_dict(config.to_dict()) == config
+    plain_config = unet_lib.UNet2DConditionConfig.from_dict(GATED2)
+    assert "fuser_position_embedding" not in plain_config.to_dict()  # diffusers' keys only
+    model = unet_lib.UNet2DConditionModel(config)
+    plain = unet_lib.UNet2DConditionModel(plain_config)
+    shapes = weights.param_shapes(model, *model.dummy_inputs())
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(
+        weights.param_shapes(plain, *plain.dummy_inputs()))
+    torch_model = make_torch_unet(GATED2, seed=4)
+    torch_model.save_pretrained(str(tmp_path / "torch"))
+    _, params = weights.load_unet(str(tmp_path / "torch"))
+    x, t, ctx, g = inputs(GATED2, seed=6)
+    with_pe = run_jax(model, params, x, t, ctx, g)
+    d_plain = max_diff(run_jax(plain, params, x, t, ctx, g), run_torch(torch_model, x, t, ctx, g))
+    d_ungrounded = max_diff(run_jax(model, params, x, t, ctx),
+                            run_torch(torch_model, x, t, ctx))
+    d_pe = max_diff(with_pe, run_torch(torch_model, x, t, ctx, g))
+    print(f"fuser PE: diffusers vs goal_jax without PE {d_plain:.1e}, without grounding "
+          f"{d_ungrounded:.1e}, with PE and grounding {d_pe:.2e}")
+    assert d_plain <= TOL and d_ungrounded <= TOL and d_pe > 100 * TOL
+    # The saved folder keeps the key; diffusers loads it (ignoring the key).
+    weights.save_unet(str(tmp_path / "pe"), model, params)
+    assert weights.read_config(str(tmp_path / "pe"))["fuser_position_embedding"] == \
+        "sinusoidal_2d"
+    reloaded, _ = weights.load_unet(str(tmp_path / "pe"))
+    assert reloaded.config.fuser_position_embedding == "sinusoidal_2d"
+    diffusers_pe = TorchUNet.from_pretrained(str(tmp_path / "pe")).eval()
+    assert max_diff(run_torch(diffusers_pe, x, t, ctx, g),
+                    run_torch(torch_model, x, t, ctx, g)) <= TOL
+    # With goal_jax's hooks diffusers computes what goal_jax computes (4 fusers: down 1,
+    # mid 1, up 2).
+    assert diffusers_fuser.add_fuser_position_embedding(diffusers_pe, str(tmp_path / "pe")) == 4
+    d_hooked = max_diff(run_torch(diffusers_pe, x, t, ctx, g), with_pe)
+    print(f"fuser PE: diffusers with add_fuser_position_embedding vs goal_jax {d_hooked:.1e}")
+    assert d_hooked <= TOL
+    assert max_diff(run_torch(diffusers_pe, x, t, ctx), run_torch(torch_model, x, t, ctx)) <= TOL
+    with pytest.raises(ValueError, match="this U-Net has it already"):
+        diffusers_fuser.add_fuser_position_embedding(diffusers_pe, str(tmp_path / "pe"))
+    assert diffusers_fuser.add_fuser_position_embedding(torch_model, str(tmp_path / "torch")) == 0
+
+    pe = attention_lib.sinusoidal_2d(3, 5, 10)  # q = 2 frequencies; 2 zero channels
+    assert pe.shape == (15, 10) and np.all(pe[:, 8:] == 0)
+    assert len({tuple(np.round(row, 6)) for row in pe}) == 15  # every place its own code
+    # One cycle per side: the angle of (sin, cos) at the lowest frequency is the place.
+    v = np.arctan2(pe[:, 0], pe[:, 2]) / (2 * np.pi) % 1  # channels [sin v, cos v, sin u, cos u]
+    u = np.arctan2(pe[:, 4], pe[:, 6]) / (2 * np.pi) % 1  # x q frequencies each
+    np.testing.assert_allclose(v, np.repeat((np.arange(3) + 0.5) / 3, 5), atol=1e-6)
+    np.testing.assert_allclose(u, np.tile((np.arange(5) + 0.5) / 5, 3), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors.
 # ----------------------------------------------------------------------------------------------
@@ -464,12 +523,23 @@ def test_checkpoint_errors(saved, tmp_path):
     ("norm_num_groups", 7, r"'norm_num_groups' = 7 does not divide"),
     ("cross_attention_dim", None, r"'cross_attention_dim' is missing"),
     ("block_out_channels", "32,64", r"'block_out_channels' must be a list"),
+    ("fuser_position_embedding", "learned",
+     r"'fuser_position_embedding' = 'learned' is not supported \(supported: null or "
+     r"'sinusoidal_2d'\)"),
 ])
 def test_config_errors(key, value, message):
     d = dict(GATED2)
     d[key] = value
     with pytest.raises(ValueError, match=r"my/unet/config\.json: config key " + message):
         unet_lib.UNet2DConditionConfig.from_dict(d, source="my/unet/config.json")
+
+
+def test_fuser_position_embedding_needs_fusers():
+    with pytest.raises(ValueError, match=r"my/unet/config\.json: config key "
+                       r"'fuser_position_embedding' = 'sinusoidal_2d' needs GLIGEN fusers "
+                       r"\(attention_type 'gated'\), got attention_type 'default'"):
+        unet_lib.UNet2DConditionConfig.from_dict(
+            dict(PLAIN2, fuser_position_embedding="sinusoidal_2d"), source="my/unet/config.json")
 
 
 def test_input_errors(saved):

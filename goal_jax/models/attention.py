@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from goal_jax.models import ops
 from goal_jax.models.layers import GroupNorm
@@ -114,12 +115,43 @@ class FeedForward(nn.Module):
         return _dense(self.dim, self.dtype, "net_2")(h)
 
 
+FUSER_POSITION_EMBEDDINGS = ("sinusoidal_2d",)
+
+
+def sinusoidal_2d(height: int, width: int, dim: int) -> np.ndarray:
+    """float32 [height * width, dim] fixed position embedding of a token grid (row-major, as
+    an NHWC map flattened).
+
+    With q = dim // 4 frequencies f_k = 10^(-k/q) cycles per image side (1 down to ~0.1),
+    the channels are [sin(2 pi f v), cos(2 pi f v), sin(2 pi f u), cos(2 pi f u)] (q each,
+    k ascending) of the token centre u = (x + 0.5) / width, v = (y + 0.5) / height in [0, 1]
+    (the coordinates of the GLIGEN boxes); the dim - 4q last channels are 0. The lowest
+    frequency, one cycle per side, alone tells every token's place."""
+    q = dim // 4
+    if q < 1:
+        raise ValueError(f"sinusoidal_2d: token width {dim} < 4")
+    freqs = 10.0 ** (-np.arange(q) / q)  # [q] cycles per image side
+    v = (np.arange(height) + 0.5) / height
+    u = (np.arange(width) + 0.5) / width
+    vv, uu = (a.reshape(-1) for a in np.meshgrid(v, u, indexing="ij"))  # [T]
+    parts = []
+    for c in (vv, uu):
+        angle = 2 * np.pi * c[:, None] * freqs[None]
+        parts += [np.sin(angle), np.cos(angle)]
+    out = np.concatenate(parts, axis=1)
+    return np.pad(out, ((0, 0), (0, dim - 4 * q))).astype(np.float32)
+
+
 class GatedSelfAttentionDense(nn.Module):
     """GLIGEN fuser: gated self-attention over [visual tokens, grounding tokens] + gated FF.
 
-    ``x += s * tanh(alpha_attn) * attn(norm1([x, linear(objs)]))[:, :n_visual]``
+    ``x += s * tanh(alpha_attn) * attn(norm1([x, linear(objs)]) + [pe, 0])[:, :n_visual]``
     ``x += s * tanh(alpha_dense) * ff(norm2(x))`` where ``s`` is the runtime ``gligen_scale``
-    (1 = diffusers' enabled fuser, 0 = disabled fuser).
+    (1 = diffusers' enabled fuser, 0 = disabled fuser) and ``pe`` is 0 (GLIGEN, diffusers)
+    or, with ``position_embedding="sinusoidal_2d"``, :func:`sinusoidal_2d` of the ``grid``
+    added to the normalised visual tokens only: a goal_jax extension (no parameters, so the
+    state dict is diffusers'; diffusers ignores it) for U-Nets too shallow to tell their
+    tokens' places, which the fuser needs to put each phrase in its box.
 
     Only the n_visual kept outputs are computed: the queries are the visual rows of
     ``norm1([x, objs])`` and the keys / values all rows (diffusers computes the grounding-token
@@ -131,6 +163,8 @@ class GatedSelfAttentionDense(nn.Module):
     dim_head: int
     dtype: Dtype = jnp.float32
     attention: str = "auto"  # kernel of the gated self-attention (see Attention)
+    position_embedding: str | None = None  # None or "sinusoidal_2d"
+    grid: tuple[int, int] | None = None  # (height, width) of the visual tokens, for the PE
 
     @nn.compact
     def __call__(self, x, objs, gligen_scale):
@@ -141,6 +175,16 @@ class GatedSelfAttentionDense(nn.Module):
         n_visual = x.shape[1]
         objs = _dense(self.dim, self.dtype, "linear")(objs.astype(self.dtype))
         h = layer_norm(jnp.concatenate([x, objs], axis=1), "norm1")
+        if self.position_embedding is not None:
+            if self.position_embedding not in FUSER_POSITION_EMBEDDINGS:
+                raise ValueError(f"unknown fuser position embedding "
+                                 f"{self.position_embedding!r}; expected one of "
+                                 f"{FUSER_POSITION_EMBEDDINGS}")
+            if self.grid is None or self.grid[0] * self.grid[1] != n_visual:
+                raise ValueError(f"fuser position embedding: grid {self.grid} does not hold "
+                                 f"the {n_visual} visual tokens")
+            pe = jnp.asarray(sinusoidal_2d(*self.grid, self.dim), h.dtype)
+            h = jnp.concatenate([h[:, :n_visual] + pe[None], h[:, n_visual:]], axis=1)
         h = Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype,
                       attention=self.attention, name="attn")(
             h[:, :n_visual], context=h)
@@ -160,6 +204,8 @@ class BasicTransformerBlock(nn.Module):
       upcast: float32 attention (``upcast_attention``).
       record_probs: sow the cross-attention (attn2) probabilities.
       attention: kernel of the attentions that sow nothing (see Attention).
+      fuser_position_embedding, grid: the fuser's position embedding and the (height, width)
+        of the tokens (GatedSelfAttentionDense).
     """
 
     dim: int
@@ -170,6 +216,8 @@ class BasicTransformerBlock(nn.Module):
     record_probs: bool = False
     dtype: Dtype = jnp.float32
     attention: str = "auto"
+    fuser_position_embedding: str | None = None
+    grid: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x, context, objs=None, gligen_scale=1.0):
@@ -181,8 +229,9 @@ class BasicTransformerBlock(nn.Module):
         x = x + attn("attn1")(layer_norm(x, "norm1"))
         if self.gated and objs is not None:
             x = GatedSelfAttentionDense(self.dim, self.heads, self.dim_head, dtype=self.dtype,
-                                        attention=self.attention, name="fuser")(
-                                            x, objs, gligen_scale)
+                                        attention=self.attention,
+                                        position_embedding=self.fuser_position_embedding,
+                                        grid=self.grid, name="fuser")(x, objs, gligen_scale)
         x = x + attn("attn2", self.record_probs)(layer_norm(x, "norm2"), context)
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(x, "norm3"))
         return x
@@ -201,6 +250,7 @@ class Transformer2DModel(nn.Module):
       record_blocks: per-block flags: sow the attn2 probabilities of that block.
       remat: wrap each BasicTransformerBlock in ``nn.remat``.
       attention: kernel of the attentions that sow nothing (see Attention).
+      fuser_position_embedding: None or "sinusoidal_2d" (GatedSelfAttentionDense).
     """
 
     channels: int
@@ -214,6 +264,7 @@ class Transformer2DModel(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention: str = "auto"
+    fuser_position_embedding: str | None = None
 
     @nn.compact
     def __call__(self, x, context, objs=None, gligen_scale=1.0):
@@ -234,7 +285,8 @@ class Transformer2DModel(nn.Module):
             h = block_cls(self.channels, self.heads, self.channels // self.heads,
                           gated=self.gated, upcast=self.upcast, record_probs=record[i],
                           dtype=self.dtype, attention=self.attention,
-                          name=f"transformer_blocks_{i}")(
+                          fuser_position_embedding=self.fuser_position_embedding,
+                          grid=(height, width), name=f"transformer_blocks_{i}")(
                               h, context, objs, gligen_scale)
         if self.use_linear_projection:
             h = _dense(channels, self.dtype, "proj_out")(h)

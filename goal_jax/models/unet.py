@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from goal_jax.models import ops
-from goal_jax.models.attention import Transformer2DModel, group_norm
+from goal_jax.models.attention import (FUSER_POSITION_EMBEDDINGS, Transformer2DModel,
+                                       group_norm)
 from goal_jax.models.gligen import GLIGENTextBoundingboxProjection
 from goal_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3
 
@@ -120,6 +121,10 @@ class UNet2DConditionConfig:
     upcast_attention: bool = False
     sample_size: int | tuple[int, int] | None = None
     attention_type: str = "default"
+    # goal_jax extension (not a diffusers field; diffusers ignores it): "sinusoidal_2d" adds a
+    # fixed 2D position embedding to the visual tokens of every GLIGEN fuser
+    # (attention.GatedSelfAttentionDense); None = GLIGEN's fuser.
+    fuser_position_embedding: str | None = None
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -199,6 +204,16 @@ class UNet2DConditionConfig:
         if attention_type not in ATTENTION_TYPES:
             raise _err(source, "attention_type", f"= {attention_type!r} is not supported "
                                                  f"(supported: {', '.join(ATTENTION_TYPES)})")
+        fuser_pe = d.get("fuser_position_embedding")
+        if fuser_pe is not None:
+            if fuser_pe not in FUSER_POSITION_EMBEDDINGS:
+                raise _err(source, "fuser_position_embedding",
+                           f"= {fuser_pe!r} is not supported (supported: null or "
+                           f"{', '.join(repr(v) for v in FUSER_POSITION_EMBEDDINGS)})")
+            if attention_type != "gated":
+                raise _err(source, "fuser_position_embedding",
+                           f"= {fuser_pe!r} needs GLIGEN fusers (attention_type 'gated'), "
+                           f"got attention_type {attention_type!r}")
         groups = d.get("norm_num_groups", 32)
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise _err(source, "norm_num_groups", f"must be a positive int, got {groups!r}")
@@ -252,6 +267,7 @@ class UNet2DConditionConfig:
             upcast_attention=d.get("upcast_attention", False),
             sample_size=sample_size,
             attention_type=attention_type,
+            fuser_position_embedding=fuser_pe,
         )
 
     def to_dict(self) -> dict:
@@ -259,6 +275,8 @@ class UNet2DConditionConfig:
         out = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "fuser_position_embedding" and v is None:
+                continue  # a diffusers config has no such key
             out[f.name] = list(v) if isinstance(v, tuple) else v
         out.update(act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
                    dual_cross_attention=False, resnet_time_scale_shift="default",
@@ -409,7 +427,8 @@ class _UNetBlock(nn.Module):
             use_linear_projection=self.config.use_linear_projection,
             gated=self.config.is_gligen, upcast=self.config.upcast_attention,
             record_blocks=s.record[j] if s.record else (), remat=self.remat,
-            dtype=self.dtype, attention=self.attention, name=name)
+            dtype=self.dtype, attention=self.attention,
+            fuser_position_embedding=self.config.fuser_position_embedding, name=name)
 
 
 class DownBlock(_UNetBlock):
