@@ -112,7 +112,9 @@ def unet_config(m, latent_size: int, cross_attention_dim: int) -> dict:
     ``m.attention`` says, per level (highest resolution first), whether its blocks have
     transformer blocks (self-attention, gated self-attention, cross-attention); the mid block
     always has one. On a CPU, attention over the 16x16 = 256 latent tokens costs more than the
-    whole rest of the U-Net, so the world attends at 8x8 only."""
+    whole rest of the U-Net, so the world attends at 8x8 only. ``m.fuser_position_embedding``
+    ("none" or "sinusoidal_2d") becomes the U-Net's ``fuser_position_embedding`` (a goal_jax
+    extension: goal_jax.models.attention.GatedSelfAttentionDense)."""
     n = len(m.channels)
     if len(m.attention) != n:
         raise ValueError(f"config model.unet.attention has {len(m.attention)} entries for "
@@ -141,6 +143,8 @@ def unet_config(m, latent_size: int, cross_attention_dim: int) -> dict:
         "upcast_attention": False,
         "only_cross_attention": False,
         "attention_type": "gated",
+        **({} if m.fuser_position_embedding == "none"
+           else {"fuser_position_embedding": m.fuser_position_embedding}),
     }
 
 
