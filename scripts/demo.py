@@ -42,6 +42,21 @@ def _run(cmd: list[str]) -> None:
                          f"{' '.join(cmd)}")
 
 
+def _other_base(goal_record: dict, pipeline: str) -> str | None:
+    """None when the GOAL pipeline's goal.json names ``pipeline`` (by its files' SHA-256,
+    experiments.shapes_world.persist) as its base world, else what differs."""
+    want = (goal_record.get("world_fingerprint") or {}).get("pipeline")
+    if want is None:
+        return None  # an export without a fingerprint: nothing to compare
+    from experiments.shapes_world import persist
+
+    have = persist.world_fingerprint({"pipeline": pipeline, "clip": os.path.join(
+        os.path.dirname(pipeline), "clip")})["pipeline"]
+    if have == want:
+        return None
+    return f"its base's pipeline files hash to {want[:12]}, {pipeline}'s to {have[:12]}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/demo")
@@ -94,6 +109,13 @@ def main(argv=None) -> int:
             with open(meta, encoding="utf-8") as f:
                 shipped = json.load(f)
             row_label = f"GOAL shipped\n({shipped['arm']},\nseed {shipped['seed']})"
+            other = _other_base(shipped, pipeline)
+            if other:
+                print(f"demo: warning: {args.goal} was fine-tuned from another base world "
+                      f"({other}): the rows do not compare a fine-tune with its own base; "
+                      "rerun experiments.shapes_world and its export for a matching one",
+                      file=sys.stderr, flush=True)
+                row_label += "\nOTHER BASE"
         print(f"demo: no fine-tuning; the GOAL row is the shipped pipeline {args.goal}",
               flush=True)
     _run(sample + ["--pretrained", pipeline] + options + ["--output_dir", base_dir])

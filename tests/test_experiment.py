@@ -553,6 +553,24 @@ def test_demo_on_the_shipped_goal_pipeline_does_not_train(exported, tmp_path):
     assert sorted(scores) == ["GOAL shipped", "base world"]
     assert len(list((work / "goal").glob("*_boxes.png"))) == 2
     assert (work / "demo.png").stat().st_size > 0
+    assert "another base world" not in result.stderr  # exported from the shipped world
+
+
+def test_demo_names_a_goal_pipeline_fine_tuned_from_another_base():
+    import importlib.util
+
+    from experiments.shapes_world import persist
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "scripts", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    pipeline = os.path.join(REPO, "assets", "shapes_world", "pipeline")
+    have = persist.world_fingerprint({"pipeline": pipeline, "clip": pipeline})["pipeline"]
+    assert demo._other_base({"world_fingerprint": {"pipeline": have}}, pipeline) is None
+    assert demo._other_base({"world_fingerprint": None}, pipeline) is None  # nothing to compare
+    other = demo._other_base({"world_fingerprint": {"pipeline": "0" * 64}}, pipeline)
+    assert other == (f"its base's pipeline files hash to {'0' * 12}, {pipeline}'s to "
+                     f"{have[:12]}")
 
 
 def test_scores_of_an_older_scorer_are_recomputed_from_the_samples(smoke, tmp_path, capsys):
