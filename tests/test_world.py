@@ -138,6 +138,8 @@ def test_world_recipe_smoke(tmp_path):
             assert np.isclose(v["position_gap"], 1 - v["grounded"] / v["mirrored"], atol=1e-4)
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (out / "pipeline" / sub).is_dir()
+    unet_config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
+    assert unet_config["fuser_position_embedding"] == "sinusoidal_2d"  # the config's default
     assert (out / "world_samples.png").is_file()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -224,6 +226,11 @@ def test_base_world_is_checked_before_a_rerun(tmp_path):
         (tmp_path / sub).mkdir(parents=True)
     (tmp_path / "world.json").write_text(json.dumps({"config": json.loads(config.to_json())}))
     assert recipe.check_base(config, str(tmp_path), "gligen")["config"]["seed"] == 0
+    # The fusers' position embedding only acts in the GLIGEN stage, which reruns: a base made
+    # without it (or with another one) is the same base.
+    config.model.unet.fuser_position_embedding = "none"
+    assert recipe.check_base(config, str(tmp_path), "gligen")
+    config.model.unet.fuser_position_embedding = "sinusoidal_2d"
     with pytest.raises(ValueError, match="from_stage 'vae'"):
         recipe.check_base(config, str(tmp_path), "vae")
     config.model.unet.channels = (16, 32, 32)
