@@ -140,6 +140,28 @@ def test_results_md_regenerated_from_results_json_alone(smoke, tmp_path):
     assert "Fewer than two seeds per arm" in written
 
 
+def test_results_md_without_the_paper_weights_arm_compares_the_best_goal_arm(smoke):
+    """Only LDM-only and a balanced GOAL arm evaluated: the sweep table and the closing note
+    show that arm against LDM-only (GOAL at the paper's weights is said to be missing)."""
+    import copy
+
+    from experiments.shapes_world import report
+
+    r = copy.deepcopy(smoke["results"])
+    r["arms"]["goal_bal1"] = r["arms"].pop("goal")
+    for run in r["runs"]:
+        run["arm"] = "goal_bal1" if run["arm"] == "goal" else run["arm"]
+    md = report.markdown(r)
+    assert "## α / β sweep" in md and "(goal_bal1) | 1 |" in md
+    closing = md.split("## Closing note")[1]
+    assert "`goal` (the paper's weights) is not evaluated; the best GOAL-family arm by mean " \
+           "score, `goal_bal1`, against LDM-only:" in closing
+    assert "| category | goal_bal1 | LDM-only | Δ | SE | > 2 SE |" in closing
+    assert "not both evaluated" not in md
+    del r["runs"][[x["arm"] for x in r["runs"]].index("goal_bal1")]
+    assert "GOAL and LDM-only are not both evaluated yet." in report.markdown(r)
+
+
 def test_rerun_resumes_without_training(smoke, capsys):
     from experiments.shapes_world import run
 

@@ -189,13 +189,17 @@ def _scales_lines(scales: dict | None, grid: int) -> list[str]:
 
 
 def _closing(results: dict) -> list[str]:
-    if not (_has(results, "goal") and _has(results, "ldm_only")):
-        return ["GOAL and LDM-only are not both evaluated yet."]
-    lines = _versus(results, "goal")
+    """GOAL (the paper's weights) − LDM-only, then the best GOAL-family arm − LDM-only when
+    that is another arm (alone when ``goal`` is not evaluated)."""
     best = best_goal_arm(results)
-    if best and best != "goal":
-        lines += ["", f"The best GOAL-family arm by mean score, `{best}`, against LDM-only:",
-                  ""] + _versus(results, best)
+    if not (_has(results, "ldm_only") and best):
+        return ["GOAL and LDM-only are not both evaluated yet."]
+    lines = _versus(results, "goal") if _has(results, "goal") else []
+    if best != "goal":
+        intro = (f"The best GOAL-family arm by mean score, `{best}`, against LDM-only:"
+                 if lines else f"`goal` (the paper's weights) is not evaluated; the best "
+                 f"GOAL-family arm by mean score, `{best}`, against LDM-only:")
+        lines += ([""] if lines else []) + [intro, ""] + _versus(results, best)
     return lines
 
 
@@ -307,7 +311,9 @@ def markdown(results: dict) -> str:
             continue
         lines += [f"## {title}", ""] + _table(results, rows) + [""]
     sweep = _sweep_rows(results)
-    if sum(_has(results, a) for _, a in sweep) > 2:
+    # Shown when it holds more than Table 1 does (an arm other than LDM-only and GOAL).
+    if sum(_has(results, a) for _, a in sweep) >= 2 and any(
+            _has(results, a) for _, a in sweep if a not in ("ldm_only", "goal")):
         lines += ["## α / β sweep (GOAL, MAAlign on the decoder)", "",
                   ("goal_x<f>: f x the paper's weights; goal_bal<r>: each alignment term's "
                   "gradient norm r x the LDM term's at the base world (see the loss scales)."), ""] + _table(results, sweep) + [""]
