@@ -39,7 +39,7 @@ def unet_config_dict(sample_size: int = DEMO_RESOLUTION // 4) -> dict:
     """diffusers ``UNet2DConditionModel`` config.json of the demo GLIGEN U-Net: 32/64 channels,
     cross-attention in the first (16x16) level and the mid block (world_models.unet_config)."""
     size = types.SimpleNamespace(channels=(32, 64), attention=(True, False), layers_per_block=1,
-                                 head_dim=8, norm_groups=8)
+                                 head_dim=8, norm_groups=8, fuser_position_embedding="none")
     return world_models.unet_config(size, sample_size, cross_attention_dim=32)
 
 
