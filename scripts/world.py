@@ -8,6 +8,8 @@
     python scripts/world.py ... --base assets/shapes_world --from_stage ldm \
         --config.model.unet.channels="(64,96,96)" \
         --config.model.unet.attention="(False,True,True)"   # a new U-Net, shipped VAE/CLIP
+    python scripts/world.py ... --base assets/shapes_world --from_stage clip \
+        --config.clip.steps=2000     # a new CLIP (its text tower: the text encoder) and U-Net
 
 Stages, in order (each logs progress with ETA, saves its state every ``save_every`` steps and
 resumes from there; a finished stage is only reloaded): render the data, train the VAE, train
@@ -36,9 +38,10 @@ flags.DEFINE_string("out", None, "Output folder (pipeline/, clip/, world.json)."
 flags.DEFINE_string("base", None, "Rerun the stages from --from_stage on (then export and "
                     "evaluate) on the earlier stages of the world in this folder (pipeline/, "
                     "clip/, world.json), e.g. assets/shapes_world.")
-flags.DEFINE_enum("from_stage", "gligen", ["ldm", "gligen"], "With --base: the first stage to "
-                  "rerun. gligen: only the GLIGEN stage, on the base's VAE, CLIP and LDM U-Net; "
-                  "ldm: the LDM and GLIGEN stages (a new U-Net), on the base's VAE and CLIP.")
+flags.DEFINE_enum("from_stage", "gligen", ["clip", "ldm", "gligen"], "With --base: the first "
+                  "stage to rerun. gligen: only the GLIGEN stage, on the base's VAE, CLIP and "
+                  "LDM U-Net; ldm: the LDM and GLIGEN stages (a new U-Net), on the base's VAE "
+                  "and CLIP; clip: a new CLIP (and text encoder) and U-Net, on the base's VAE.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 

@@ -173,19 +173,36 @@ def test_world_recipe_smoke(tmp_path):
     gates = [float(v) for k, v in new.items() if k.endswith("alpha_attn")]
     assert gates and all(abs(g - 0.5) < 0.01 for g in gates)  # gate_init 0.5, 4 small steps
 
-    # --from_stage ldm: a new U-Net (3 levels) trained on the base world's VAE / CLIP.
+    # --from_stage clip: a new CLIP (plain pairs, a wider text tower) and a new U-Net (3
+    # levels) on the base world's VAE; the pipeline's text encoder is the new CLIP's text tower.
     out3 = tmp_path / "out3"
     fourth = subprocess.run(cmd[:-4] + ["--workdir", str(tmp_path / "work3"), "--out", str(out3),
-                                        "--base", str(out), "--from_stage", "ldm",
+                                        "--base", str(out), "--from_stage", "clip",
+                                        "--config.clip.vocabulary_weight=0",
+                                        "--config.model.clip.text.width=32",
                                         "--config.model.unet.channels=(16,32,32)",
                                         "--config.model.unet.attention=(False,True,True)"],
                             capture_output=True, text=True, env=env, timeout=900)
     assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "[clip] step 4/4" in fourth.stdout and "vocab_loss" not in fourth.stdout
     assert "[ldm] step 4/4" in fourth.stdout and "[gligen] step 4/4" in fourth.stdout
-    assert "[vae] step" not in fourth.stdout and "[clip] step" not in fourth.stdout
+    assert "[vae] step" not in fourth.stdout
+    assert "vocab_loss" in first.stdout  # the config's default: the vocabulary term on
     third_level = json.loads((out3 / "world.json").read_text())
     assert third_level["stages"]["vae"] == dict(record["stages"]["vae"], reused_from=str(out))
-    assert "reused_from" not in third_level["stages"]["ldm"]
+    for name in ("clip", "ldm"):
+        assert "reused_from" not in third_level["stages"][name]
+    assert set(third_level["stages"]["clip"]["zero_shot_heldout"]) == {
+        "color", "shape", "texture", "objects"}
+    from safetensors.numpy import load_file
+
+    new_clip = load_file(str(out3 / "clip" / "model.safetensors"))
+    text_encoder = load_file(str(out3 / "pipeline" / "text_encoder" / "model.safetensors"))
+    assert new_clip["text_model.final_layer_norm.weight"].shape == (32,)
+    text_keys = [k for k in new_clip if k.startswith("text_model.")]
+    assert text_keys and sorted(text_keys) == sorted(text_encoder)
+    for k in text_keys:
+        np.testing.assert_array_equal(text_encoder[k], new_clip[k], err_msg=k)
     unet_config = json.loads((out3 / "pipeline" / "unet" / "config.json").read_text())
     assert unet_config["block_out_channels"] == [16, 32, 32]
     assert unet_config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D",
@@ -239,6 +256,11 @@ def test_base_world_is_checked_before_a_rerun(tmp_path):
     with pytest.raises(ValueError, match=r"config.model.unet differs from the base world's .*"
                                          r"from 'gligen' on can only be rerun on the same"):
         recipe.check_base(config, str(tmp_path), "gligen")
+    config.model.clip.projection_dim = 16
+    assert recipe.check_base(config, str(tmp_path), "clip")  # a new CLIP: from clip on
+    with pytest.raises(ValueError, match=r"config.model.clip differs from the base world's .*"
+                                         r"from 'ldm' on can only be rerun on the same"):
+        recipe.check_base(config, str(tmp_path), "ldm")
     config.model.vae.latent_channels = 8
     with pytest.raises(ValueError, match="config.model.vae differs"):
         recipe.check_base(config, str(tmp_path), "ldm")
@@ -280,3 +302,59 @@ def test_timestep_sampling_and_loss_weighting():
     np.testing.assert_array_equal(unet_stage.loss_weight(sched.alphas_cumprod, t, "eps"), 1.0)
     with pytest.raises(ValueError, match="unknown loss weighting 'snr'"):
         unet_stage.loss_weight(sched.alphas_cumprod, t, "snr")
+
+
+def test_clip_vocabulary_loss(tmp_path):
+    """The region-vs-vocabulary term: the in-batch loss unchanged, plus the cross-entropy of
+    each image over all 216 full phrases, from one pass of the image tower."""
+    sys.path.insert(0, REPO)
+    from configs import world as world_config
+    from goal_jax import text as text_lib
+    from goal_jax.data import shapes
+    from goal_jax.world import clip_stage, models
+
+    vocab = clip_stage.vocabulary_phrases()
+    assert len(vocab) == len(set(vocab)) == 9 * 4 * 6
+    assert {"a red circle", "an orange dotted hexagon", "a blue striped star"} <= set(vocab)
+    assert "a red solid circle" not in vocab
+
+    text_lib.write_word_vocab(str(tmp_path), shapes.VOCABULARY)
+    tokenizer = text_lib.load_tokenizer(str(tmp_path))
+    model, _ = clip_stage.build(world_config.get_config("smoke"), tokenizer)
+    params = models.init_params(model, 0)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(clip_stage._text_ids(tokenizer, ["a red circle", "a red circle",
+                                                       "a blue star"], 12))
+    vocab_ids = jnp.asarray(clip_stage._text_ids(tokenizer, vocab, 12))
+    pixels = jnp.asarray(rng.uniform(-1, 1, (3, 32, 32, 3)), jnp.float32)
+    labels = jnp.asarray([vocab.index("a red circle"), vocab.index("a red circle"),
+                          vocab.index("a blue star")])
+    loss, acc = clip_stage.contrastive_loss(model, params, ids, pixels)
+    loss2, acc2, v_loss, v_acc = clip_stage.contrastive_loss(model, params, ids, pixels,
+                                                             vocab_ids, labels)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+    assert float(acc2) == float(acc)
+    # by hand: rows 0 and 1 share their text, so each is a positive for the other
+    logits = np.asarray(model.apply({"params": params}, ids, pixels).logits_per_text, np.float64)
+    target = np.array([[.5, .5, 0], [.5, .5, 0], [0, 0, 1]])
+    log_sm = lambda x: x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1,  # noqa: E731
+                                         keepdims=True)) - x.max(-1, keepdims=True)
+    manual = (-np.mean(np.sum(target * log_sm(logits), -1))
+              - np.mean(np.sum(target * log_sm(logits.T), -1))) / 2
+    np.testing.assert_allclose(float(loss), manual, rtol=1e-5)
+    v_logits = np.asarray(model.apply({"params": params}, vocab_ids, pixels).logits_per_text,
+                          np.float64).T  # [3 images, 216]
+    manual_v = -np.mean(log_sm(v_logits)[np.arange(3), np.asarray(labels)])
+    np.testing.assert_allclose(float(v_loss), manual_v, rtol=1e-5)
+    assert float(v_acc) == np.mean(v_logits.argmax(-1) == np.asarray(labels))
+
+    # Phrases encoded at 8 tokens embed as at 24 (causal attention, pooled at the EOS); a text
+    # whose EOS does not fit is refused by name.
+    def embeds(length):
+        ids = jnp.asarray(clip_stage._text_ids(tokenizer, vocab, length))
+        return np.asarray(model.apply({"params": params}, ids, method=model.encode_text).embeds)
+
+    np.testing.assert_allclose(embeds(8), embeds(24), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"text 'an orange checkered hexagon' needs 6 tokens, "
+                                         r"more than the 5 this stage encodes"):
+        clip_stage._text_ids(tokenizer, ["a red circle", "an orange checkered hexagon"], 5)

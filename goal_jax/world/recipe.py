@@ -86,19 +86,9 @@ def run(config, workdir: str, out: str, command: str = "", log=print) -> dict:
     tokenizer = text_lib.load_tokenizer(tok_dir)
 
     vae_info = vae_stage.train(config, workdir, train_split, heldout, log)
-    clip_info, clip_model, clip_params = clip_stage.train(config, workdir, tokenizer,
-                                                          train_split, log)
-    t = time.time()
-    clip_info["zero_shot_heldout"] = clip_stage.zero_shot(clip_model, clip_params, tokenizer,
-                                                          heldout)
-    log(f"[clip] zero-shot on held-out regions: {clip_info['zero_shot_heldout']}")
-    timings["clip_eval_s"] = time.time() - t
-
-    clip_dict = weights.read_config(os.path.join(workdir, "clip"))
-    text_config = models.text_encoder_config(clip_dict)
-    text_encoder, _ = _text_encoder(text_config)
-    text_params = {"text_model": clip_params["text_model"]}
-
+    clip_info, text_encoder, text_config, text_params = _clip(config, workdir, tokenizer,
+                                                              train_split, heldout, timings,
+                                                              log)
     vae, vae_params = weights.load_vae(os.path.join(workdir, "vae"))
     latents, cache = _latents_and_texts(config, workdir, vae, vae_params, tokenizer,
                                         train_split, timings, log)
@@ -111,6 +101,23 @@ def run(config, workdir: str, out: str, command: str = "", log=print) -> dict:
     return _gligen_and_export(config, workdir, out, unet, unet_params, text_encoder,
                               text_config, text_params, latents, cache, heldout, stages,
                               timings, command, log)
+
+
+def _clip(config, workdir: str, tokenizer, train_split, heldout, timings: dict, log):
+    """The CLIP stage and its zero-shot evaluation; returns (record, text encoder module,
+    text encoder config dict, text encoder params): the pipeline's text encoder is the
+    CLIP's text tower."""
+    clip_info, clip_model, clip_params = clip_stage.train(config, workdir, tokenizer,
+                                                          train_split, log)
+    t = time.time()
+    clip_info["zero_shot_heldout"] = clip_stage.zero_shot(clip_model, clip_params, tokenizer,
+                                                          heldout)
+    log(f"[clip] zero-shot on held-out regions: {clip_info['zero_shot_heldout']}")
+    timings["clip_eval_s"] = time.time() - t
+    clip_dict = weights.read_config(os.path.join(workdir, "clip"))
+    text_config = models.text_encoder_config(clip_dict)
+    text_encoder, _ = _text_encoder(text_config)
+    return clip_info, text_encoder, text_config, {"text_model": clip_params["text_model"]}
 
 
 def _gligen_and_export(config, workdir: str, out: str, unet, unet_params, text_encoder,
@@ -155,7 +162,7 @@ def _gligen_and_export(config, workdir: str, out: str, unet, unet_params, text_e
     return record
 
 
-BASE_STAGES = ("ldm", "gligen")
+BASE_STAGES = ("clip", "ldm", "gligen")
 
 
 class BaseWorldError(ValueError):
@@ -176,7 +183,9 @@ def check_base(config, base: str, from_stage: str) -> dict:
                              f"{', '.join(missing)}")
     with open(os.path.join(base, "world.json"), encoding="utf-8") as f:
         base_record = json.load(f)
-    same = {"data": config.data, "model.vae": config.model.vae, "model.clip": config.model.clip}
+    same = {"data": config.data, "model.vae": config.model.vae}
+    if from_stage != "clip":
+        same["model.clip"] = config.model.clip
     if from_stage == "gligen":
         same["model.unet"] = config.model.unet
     for key, value in same.items():
@@ -206,31 +215,40 @@ def run_from_base(config, workdir: str, out: str, base: str, from_stage: str = "
       ``config.model.unet`` must equal the base's.
     * ``ldm``: the LDM and GLIGEN stages from the initialisation, on the base's VAE and CLIP;
       ``config.model.unet`` and the ``ldm`` / ``gligen`` settings may differ from the base's.
+    * ``clip``: the CLIP, LDM and GLIGEN stages, on the base's VAE (and its tokenizer); the
+      pipeline's text encoder is the new CLIP's text tower, so the U-Net is trained again.
 
-    ``config.data``, ``model.vae`` and ``model.clip`` must equal the base's. world.json keeps
-    the base's records of the reused stages under ``stages`` (each with ``"reused_from":
-    base``)."""
+    ``config.data`` and ``model.vae`` must equal the base's, and ``model.clip`` unless the CLIP
+    is rerun. world.json keeps the base's records of the reused stages under ``stages`` (each
+    with ``"reused_from": base``)."""
     base_record = check_base(config, base, from_stage)
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     train_split, heldout = _render_splits(config, workdir, timings, log)
     pipeline = os.path.join(base, "pipeline")
-    for src, dst in ((os.path.join(pipeline, "tokenizer"), "tokenizer"),
-                     (os.path.join(pipeline, "vae"), "vae"), (os.path.join(base, "clip"), "clip")):
+    copies = [(os.path.join(pipeline, "tokenizer"), "tokenizer"),
+              (os.path.join(pipeline, "vae"), "vae")]
+    if from_stage != "clip":
+        copies.append((os.path.join(base, "clip"), "clip"))
+    for src, dst in copies:
         shutil.rmtree(os.path.join(workdir, dst), ignore_errors=True)
         shutil.copytree(src, os.path.join(workdir, dst))
     tokenizer = text_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
-    text_encoder, text_params = weights.load_component(os.path.join(pipeline, "text_encoder"),
-                                                       "text_encoder")
-    text_config = weights.read_config(os.path.join(pipeline, "text_encoder"))
+    reused = {"clip": ("vae",), "ldm": ("vae", "clip")}.get(from_stage, ("vae", "clip", "ldm"))
+    stages = {k: dict(base_record["stages"][k], reused_from=base) for k in reused}
+    if from_stage == "clip":
+        stages["clip"], text_encoder, text_config, text_params = _clip(
+            config, workdir, tokenizer, train_split, heldout, timings, log)
+    else:
+        text_encoder, text_params = weights.load_component(
+            os.path.join(pipeline, "text_encoder"), "text_encoder")
+        text_config = weights.read_config(os.path.join(pipeline, "text_encoder"))
     vae, vae_params = weights.load_vae(os.path.join(workdir, "vae"))
     latents, cache = _latents_and_texts(config, workdir, vae, vae_params, tokenizer,
                                         train_split, timings, log)
     unet = unet_stage.build(config, text_config["hidden_size"])
     init = models.init_params(unet, config.seed + 3)
-    reused = ("vae", "clip") if from_stage == "ldm" else ("vae", "clip", "ldm")
-    stages = {k: dict(base_record["stages"][k], reused_from=base) for k in reused}
-    if from_stage == "ldm":
+    if from_stage in ("clip", "ldm"):
         stages["ldm"], unet_params = unet_stage.train(config, workdir, "ldm", init,
                                                       text_encoder, text_params, latents,
                                                       cache, log)
