@@ -50,8 +50,7 @@ def _other_base(goal_record: dict, pipeline: str) -> str | None:
         return None  # an export without a fingerprint: nothing to compare
     from experiments.shapes_world import persist
 
-    have = persist.world_fingerprint({"pipeline": pipeline, "clip": os.path.join(
-        os.path.dirname(pipeline), "clip")})["pipeline"]
+    have = persist.hash_folder(pipeline)
     if have == want:
         return None
     return f"its base's pipeline files hash to {want[:12]}, {pipeline}'s to {have[:12]}"

@@ -588,6 +588,7 @@ def test_demo_names_a_goal_pipeline_fine_tuned_from_another_base():
     spec.loader.exec_module(demo)
     pipeline = os.path.join(REPO, "assets", "shapes_world", "pipeline")
     have = persist.world_fingerprint({"pipeline": pipeline, "clip": pipeline})["pipeline"]
+    assert have == persist.hash_folder(pipeline)
     assert demo._other_base({"world_fingerprint": {"pipeline": have}}, pipeline) is None
     assert demo._other_base({"world_fingerprint": None}, pipeline) is None  # nothing to compare
     other = demo._other_base({"world_fingerprint": {"pipeline": "0" * 64}}, pipeline)

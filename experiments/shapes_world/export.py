@@ -71,7 +71,7 @@ def _world_pipeline(results: dict, world: str | None) -> str:
             os.path.join(REPO, "assets", "shapes_world")
     pipeline = os.path.join(os.path.abspath(world), "pipeline")
     want = results["world"].get("fingerprint", {}).get("pipeline")
-    if want is not None and persist._hash_folder(pipeline) != want:
+    if want is not None and persist.hash_folder(pipeline) != want:
         raise ValueError(f"{pipeline} is not the base world the results were made with (its "
                          "files differ from results.json's world fingerprint); give --world")
     return pipeline

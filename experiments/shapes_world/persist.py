@@ -40,7 +40,7 @@ FINETUNE_FIELDS = ("items", "mix", "resolution", "seed", "split", "min_objects",
 LAYOUT_FIELDS = ("id", "category", "caption", "phrases", "boxes", "seed")
 
 
-def _hash_folder(folder: str) -> str | None:
+def hash_folder(folder: str) -> str | None:
     """SHA-256 (hex) over the sorted relative paths and contents of every file under
     ``folder``; None when the folder does not exist."""
     if not os.path.isdir(folder):
@@ -63,8 +63,8 @@ def world_fingerprint(world: dict, oracle_dir: str | None = None) -> dict:
     ``oracle_dir``). About 0.2 s for the shipped world (27 MiB)."""
     from goal_jax.evaluation import oracle as oracle_lib
 
-    return {"pipeline": _hash_folder(world["pipeline"]), "clip": _hash_folder(world["clip"]),
-            "oracle": _hash_folder(oracle_dir or oracle_lib.DEFAULT_DIR)}
+    return {"pipeline": hash_folder(world["pipeline"]), "clip": hash_folder(world["clip"]),
+            "oracle": hash_folder(oracle_dir or oracle_lib.DEFAULT_DIR)}
 
 
 def portable(overrides: dict, world_path: str, workdir: str, repo: str) -> dict:
