@@ -146,9 +146,9 @@ ABLATIONS = {
 TPU_SETTINGS = {
     ("TPU v2", 8): dict(kind="v2-8", per_device_batch_size=1, params="fsdp",
                         frozen_dtype="bfloat16", evidence="compiled: FSDP, 1 image per core, "
-                        "peak 5.74 of 7.48 GiB per core (einsum attention, float32 frozen); 2 "
-                        "per core does not fit (XLA asks 12.7-13.0 GiB per core, fused or "
-                        "einsum, lean or not)"),
+                        "peak 5.73 of 7.48 GiB per core with the fused attention (5.74 einsum; "
+                        "float32 frozen); 2 per core does not fit (XLA asks 12.7-13.0 GiB per "
+                        "core, fused or einsum, lean or not)"),
     ("TPU v3", 8): dict(kind="v3-8", per_device_batch_size=1, params="fsdp",
                         frozen_dtype="bfloat16", evidence="not compiled: the v2-8 program on "
                         "16 GiB cores"),
