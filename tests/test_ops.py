@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from goal_jax.models import ops
 
@@ -253,3 +254,23 @@ def test_flax_conv_with_ops_keeps_parameters_and_values():
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
         fast.init(jax.random.PRNGKey(0), x))
     np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=3e-6, rtol=0)
+
+
+def test_shard_batch_constrains_the_batch_axis_under_a_mesh():
+    """Under jax.set_mesh the models' activations keep the batch axis split over the whole
+    mesh (the FSDP program's activation constraint); identity without a mesh or when the
+    mesh does not divide the batch."""
+    from goal_jax import sharding as sharding_lib
+
+    x = jnp.arange(8 * 3 * 2, dtype=jnp.float32).reshape(8, 3, 2)
+    assert ops.shard_batch(x) is x  # no mesh
+    mesh = sharding_lib.create_mesh(data=2, fsdp=4)
+    # weights-like input sharded on the last axis: the constraint moves the split to the batch
+    src = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, None, "data")))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda a: ops.shard_batch(a * 2.0))(src)
+        odd = jax.jit(lambda a: ops.shard_batch(a))(jnp.ones((6, 2)))
+    assert out.sharding.spec == P(("data", "fsdp"))
+    assert {s.data.shape for s in out.addressable_shards} == {(1, 3, 2)}
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2)
+    assert odd.sharding.is_fully_replicated or odd.sharding.spec[0] is None

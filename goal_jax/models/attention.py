@@ -226,6 +226,7 @@ class BasicTransformerBlock(nn.Module):
         attn = lambda name, record=False: Attention(  # noqa: E731
             self.heads, self.dim_head, self.dim, upcast=self.upcast, record_probs=record,
             dtype=self.dtype, attention=self.attention, name=name)
+        x = ops.shard_batch(x)
         x = x + attn("attn1")(layer_norm(x, "norm1"))
         if self.gated and objs is not None:
             x = GatedSelfAttentionDense(self.dim, self.heads, self.dim_head, dtype=self.dtype,
@@ -234,7 +235,7 @@ class BasicTransformerBlock(nn.Module):
                                         grid=self.grid, name="fuser")(x, objs, gligen_scale)
         x = x + attn("attn2", self.record_probs)(layer_norm(x, "norm2"), context)
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(x, "norm3"))
-        return x
+        return ops.shard_batch(x)
 
 
 class Transformer2DModel(nn.Module):

@@ -342,11 +342,12 @@ class CLIPEncoderLayer(nn.Module):
         ln = lambda name: nn.LayerNorm(  # noqa: E731
             epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name=name
         )
+        x = ops.shard_batch(x)
         x = x + CLIPAttention(c.hidden_size, c.num_attention_heads, self.causal, self.dtype,
                               self.attention, name="self_attn")(ln("layer_norm1")(x))
         x = x + CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act, self.dtype,
                         name="mlp")(ln("layer_norm2")(x))
-        return x
+        return ops.shard_batch(x)
 
 
 class CLIPEncoder(nn.Module):

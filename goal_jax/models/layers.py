@@ -89,7 +89,7 @@ class ResnetBlock2D(nn.Module):
             raise ValueError(
                 f"ResnetBlock2D {self.name}: input has {x.shape[-1]} channels, expected "
                 f"in_channels={self.in_channels} (x shape {tuple(x.shape)})")
-        x = jnp.asarray(x, self.dtype)
+        x = ops.shard_batch(jnp.asarray(x, self.dtype))
         h = GroupNorm(num_groups=self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
         h = nn.silu(h)
         h = conv3x3(out_channels, self.dtype, "conv1")(h)
@@ -105,7 +105,7 @@ class ResnetBlock2D(nn.Module):
         h = conv3x3(out_channels, self.dtype, "conv2")(h)
         if self.in_channels != out_channels:
             x = conv1x1(out_channels, self.dtype, "conv_shortcut")(x)
-        return x + h
+        return ops.shard_batch(x + h)
 
 
 class Downsample2D(nn.Module):

@@ -22,6 +22,13 @@ axes (the mesh of the enclosing ``jax.set_mesh`` / ``jax.sharding.use_abstract_m
 batch the device count does not divide, ``"auto"`` uses the einsum kernel instead (explicit
 ``"pallas"`` raises).
 
+Activation sharding (:func:`shard_batch`): under a mesh the models constrain the inputs and
+outputs of every ResnetBlock2D, BasicTransformerBlock and CLIPEncoderLayer to the batch
+sharding. Without it, XLA's SPMD partitioner resharded activations to follow the FSDP-sharded
+weights: the SD-1.4 train step on a TPU v2-8 (FSDP over 8 cores, einsum attention) needed 13.01
+GiB per core at 2 images per core (out of HBM); with it, 5.92 GiB (XLA:TPU's buffer
+assignment, ``benchmarks/RESULTS.md``).
+
 Both compute exactly what their textbook definitions (and the diffusers / transformers modules)
 compute; they differ from ``jax.nn.dot_product_attention`` / ``lax.conv_general_dilated`` only in
 how the work is laid out for XLA. Measured on a 2-core x86 CPU (jaxlib 0.10.2, float32,
@@ -150,6 +157,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[float
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                             implementation="cudnn")
     return dot_product_attention(q, k, v, scale=scale, causal=causal)
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """``x`` constrained to have its leading (batch) axis split over all axes of the current
+    mesh (``jax.set_mesh``), as the train step's batch is (``sharding.batch_sharding``).
+
+    The models call it on block inputs and outputs: with FSDP-sharded weights XLA's SPMD
+    partitioner may otherwise reshard activations to follow a weight's sharded channel axis
+    (replicating their batch axis), which holds several images' activations per device.
+    Identity without a mesh, on one device, or when the mesh size does not divide the batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or x.ndim == 0 or x.shape[0] % mesh.size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(tuple(mesh.axis_names)))
 
 
 def _round_up(n: int, multiple: int) -> int:
