@@ -147,8 +147,9 @@ TPU_SETTINGS = {
     ("TPU v2", 8): dict(kind="v2-8", per_device_batch_size=1, params="fsdp",
                         frozen_dtype="bfloat16", evidence="compiled: FSDP, 1 image per core, "
                         "peak 5.73 of 7.48 GiB per core with the fused attention (5.74 einsum; "
-                        "float32 frozen); 2 per core does not fit (XLA asks 12.7-13.0 GiB per "
-                        "core, fused or einsum, lean or not)"),
+                        "float32 frozen); 2 per core fits with the activation constraints "
+                        "(ops.shard_batch) for the einsum attention (5.92 GiB), not compiled "
+                        "yet for the fused one (refused at 13.0 GiB before the constraints)"),
     ("TPU v3", 8): dict(kind="v3-8", per_device_batch_size=1, params="fsdp",
                         frozen_dtype="bfloat16", evidence="not compiled: the v2-8 program on "
                         "16 GiB cores"),
