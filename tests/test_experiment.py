@@ -178,6 +178,35 @@ def test_rerun_resumes_without_training(smoke, capsys):
 
 
 
+def test_scheduled_sampling_evaluation_shares_the_trained_runs(smoke, tmp_path, capsys):
+    """--sample_beta 0.3 evaluates the same checkpoints in files of its own: nothing is
+    trained, the full-grounding evaluations stay byte for byte, and the results say β."""
+    from experiments.shapes_world import run
+
+    run_dirs = [x["run_dir"] for x in smoke["results"]["runs"]]
+    before = {d: open(os.path.join(d, "eval.json"), "rb").read() for d in run_dirs}
+    out = str(tmp_path / "scheduled")
+    argv = ["--world", smoke["argv"][1], "--workdir", smoke["workdir"], "--out", out,
+            "--size", "smoke", "--sample_beta", "0.3", "--attention_layouts", "0"]
+    assert run.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "training " not in printed
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["eval"]["settings"]["beta"] == 0.3 and results["size"]["sample_beta"] == 0.3
+    for d in run_dirs:
+        assert open(os.path.join(d, "eval.json"), "rb").read() == before[d]
+        with open(os.path.join(d, "eval-beta0.3.json"), encoding="utf-8") as f:
+            assert json.load(f)["settings"]["beta"] == 0.3
+        assert np.load(os.path.join(d, "samples-beta0.3.npz"))["images"].dtype == np.uint8
+    assert os.path.isfile(os.path.join(smoke["workdir"], "references-beta0.3", "base.json"))
+    md = open(os.path.join(out, "RESULTS.md"), encoding="utf-8").read()
+    assert "first 30 % of the steps only" in md
+    assert run.main(argv[:-4] + ["--sample_beta", "1.5"]) == 2
+    assert "--sample_beta 1.5: the grounded share of the sampling steps must lie in [0, 1]" \
+        in capsys.readouterr().err
+
+
 def test_changed_config_in_existing_run_is_refused(smoke, capsys):
     from experiments.shapes_world import run
 

@@ -44,6 +44,14 @@ TABLES = (
 # ----------------------------------------------------------------------------------------------
 
 
+def grounding_words(beta: float) -> str:
+    """How much of the sampling is grounded, in words (GLIGEN's scheduled sampling β)."""
+    if beta >= 1.0:
+        return "grounding (the boxes' gated self-attention) on every step"
+    return (f"grounding on the first {100 * beta:g} % of the steps only (GLIGEN's scheduled "
+            f"sampling, β = {beta:g}; the rest sampled from the caption alone)")
+
+
 def stats(values) -> dict:
     """{"mean", "std" (sample, ddof=1; 0 for one value), "n"} of a list of numbers."""
     v = np.asarray([float(x) for x in values], np.float64)
@@ -295,9 +303,8 @@ def markdown(results: dict) -> str:
         f"{size['learning_rate']:g} constant, trainable: the paper's fusers + attn1 + attn2; "
         f"seeds {', '.join(str(s) for s in size['seeds'])} (train.seed = data.seed)."),
         (f"* Sampling: DDIM {ev['settings']['num_steps']} steps, CFG "
-        f"{ev['settings']['guidance_scale']:g}, grounding for the first "
-        f"{ev['settings']['beta']:g} of the steps; the same layouts and noise seeds for "
-        "every arm."),
+        f"{ev['settings']['guidance_scale']:g}, {grounding_words(ev['settings']['beta'])}; "
+        "the same layouts and noise seeds for every arm."),
         ("* Metric: the world oracle's graded score (pixels only; goal_jax.evaluation.oracle) "
         "× 100, mean ± std over seeds: per layout, colour / shape / texture: the share of boxes "
         "holding an object with the named attribute; complex: the share of boxes with every "

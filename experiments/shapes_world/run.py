@@ -14,7 +14,10 @@ What it does, in order (every step is skipped when its output exists and matches
    world's samples;
 4. for each seed, for each arm: fine-tunes with scripts/train.py (``<workdir>/runs/<arm>/
    seed<k>``: checkpoints, metrics.jsonl, train.log; an interrupted run resumes from its
-   checkpoint), then samples and scores it (``eval.json``, ``samples.npz``);
+   checkpoint), then samples and scores it (``eval.json``, ``samples.npz``; with
+   ``--sample_beta b`` < 1, grounding only for the first b of the sampling steps as in
+   GLIGEN's scheduled sampling, ``eval-beta<b>.json`` and ``samples-beta<b>.npz`` beside
+   them, the trained runs shared);
 5. writes ``<out>/grid.png`` and ``<out>/grid_images.npz`` (the grid's images per row);
 6. the attention maps per phrase (attention.py: ``<out>/attention.png`` and
    ``results["attention"]``) of the base world, ldm_only and the best GOAL arm;
@@ -237,12 +240,24 @@ def check_trainable(run_dir: str, unet_params_ckpt_leaves: int, expected: int) -
                          "changed; pass them explicitly")
 
 
+def eval_suffix(sample_beta: float) -> str:
+    """File-name suffix of an evaluation sampled with grounding for the first ``sample_beta``
+    of the steps: "" for full grounding (1.0, the sizes' default), else "-beta<b>", so one
+    workdir holds the evaluations of several grounding schedules side by side (a run's
+    ``eval.json`` / ``eval-beta0.3.json``, ``references/`` / ``references-beta0.3/``)."""
+    if not 0.0 <= sample_beta <= 1.0:
+        raise ValueError(f"--sample_beta {sample_beta:g}: the grounded share of the sampling "
+                         "steps must lie in [0, 1]")
+    return "" if sample_beta == 1.0 else f"-beta{sample_beta:g}"
+
+
 def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
-                 settings: dict) -> tuple[dict, np.ndarray]:
-    """Samples and scores one trained run (skipped when ``eval.json`` matches)."""
+                 settings: dict, suffix: str = "") -> tuple[dict, np.ndarray]:
+    """Samples and scores one trained run (skipped when ``eval<suffix>.json`` matches)."""
     from experiments.shapes_world import evaluate as eval_lib
 
-    path, npz = os.path.join(run_dir, "eval.json"), os.path.join(run_dir, "samples.npz")
+    path = os.path.join(run_dir, f"eval{suffix}.json")
+    npz = os.path.join(run_dir, f"samples{suffix}.npz")
     if os.path.isfile(path) and os.path.isfile(npz):
         have = _read_json(path)
         if have.get("settings") == settings:
@@ -346,6 +361,9 @@ def run(args) -> dict:
         size = dataclasses.replace(size, steps=args.steps)
     if args.seeds:
         size = dataclasses.replace(size, seeds=tuple(args.seeds))
+    if args.sample_beta is not None:
+        size = dataclasses.replace(size, sample_beta=args.sample_beta)
+    suffix = eval_suffix(size.sample_beta)
     if args.main_balance is not None:  # goal_bal<r> is then the goal arm itself
         size = dataclasses.replace(size, main_balance=args.main_balance, arms=tuple(
             a for a in size.arms if a != f"goal_bal{args.main_balance:g}"))
@@ -519,7 +537,7 @@ def run(args) -> dict:
     pick_ids = [items[i]["id"] for i in pick]
     old_grid_ok = list(previous.images.get("layout_ids", [])) == pick_ids
     grid = {}  # row key -> uint8 [n_grid, H, W, 3]
-    ref_dir = os.path.join(workdir, "references")
+    ref_dir = os.path.join(workdir, f"references{suffix}")
     for name, what, images_fn in (
             ("ground_truth", "scored the world's renders of the layouts (ground truth)",
              lambda: datasets.eval_truth_images(items, world["resolution"])),
@@ -543,9 +561,10 @@ def run(args) -> dict:
         spec, run_dir = specs[name], run_dirs[(name, seed)]
         key = persist.grid_key(name, seed)
         have_run = run_record(spec, seed, overrides(spec, seed), run_dir)[1]
-        eval_path = os.path.join(run_dir, "eval.json")
+        eval_path = os.path.join(run_dir, f"eval{suffix}.json")
+        samples_path = os.path.join(run_dir, f"samples{suffix}.npz")
         finished = bool(have_run and have_run.get("train")) and os.path.isfile(eval_path) and \
-            os.path.isfile(os.path.join(run_dir, "samples.npz")) and \
+            os.path.isfile(samples_path) and \
             _read_json(eval_path).get("settings") == settings
         old = restorable.get((name, seed))
         if not finished and old is not None:
@@ -565,12 +584,12 @@ def run(args) -> dict:
                       f"{train['step_s']:.3f} s/step)", "train", step_s=train["step_s"],
                       startup_s=train["startup_s"])
         if finished:
-            scores, images = rescored(evaluator, eval_path, _read_json(eval_path), np.load(
-                os.path.join(run_dir, "samples.npz"))["images"])
+            scores, images = rescored(evaluator, eval_path, _read_json(eval_path),
+                                      np.load(samples_path)["images"])
         else:
             evaluator()
             scores, images = evaluate_run(lazy["evaluator"], run_dir, lazy["base_unet"],
-                                          lazy["n_trainable"], settings)
+                                          lazy["n_trainable"], settings, suffix)
         progress.done(f"evaluated {name} seed {seed}: oracle {100 * scores['oracle']:.1f}, "
                       f"CLIP {100 * scores['clip']:.1f}", "eval", scores["wall_s"])
         grid[key] = images[pick]
@@ -632,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", nargs="*", default=None, help="subset of the size's arms")
     p.add_argument("--seeds", nargs="*", type=int, default=None, help="override the seeds")
     p.add_argument("--steps", type=int, default=None, help="override the training steps")
+    p.add_argument("--sample_beta", type=float, default=None,
+                   help="evaluate with grounding for the first this share of the sampling "
+                        "steps (GLIGEN's scheduled sampling; default: the size's, 1.0 = every "
+                        "step); the runs are shared with other values, whose evaluations are "
+                        "kept in their own files: give each its own --out")
     p.add_argument("--main_balance", type=float, default=None,
                    help="the ablations use α, β = this x the measured balance weights "
                         "(goal_bal<r>) instead of the paper's")
