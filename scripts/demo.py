@@ -42,6 +42,19 @@ def _run(cmd: list[str]) -> None:
                          f"{' '.join(cmd)}")
 
 
+def _run_together(cmds: list[list[str]]) -> None:
+    """Runs ``cmds`` at once (the two samplers: each spends most of its time starting up and
+    compiling, which overlaps) and waits for both; a failed one ends the demo, named."""
+    procs = []
+    for cmd in cmds:
+        print("+", " ".join(cmd), flush=True)
+        procs.append((cmd, subprocess.Popen(cmd)))
+    codes = [(cmd, proc.wait()) for cmd, proc in procs]
+    for cmd, code in codes:
+        if code != 0:
+            raise SystemExit(f"demo: step failed with exit code {code}: {' '.join(cmd)}")
+
+
 def _other_base(goal_record: dict, pipeline: str) -> str | None:
     """None when the GOAL pipeline's goal.json names ``pipeline`` (by its files' SHA-256,
     experiments.shapes_world.persist) as its base world, else what differs."""
@@ -117,8 +130,8 @@ def main(argv=None) -> int:
                 row_label += "\nOTHER BASE"
         print(f"demo: no fine-tuning; the GOAL row is the shipped pipeline {args.goal}",
               flush=True)
-    _run(sample + ["--pretrained", pipeline] + options + ["--output_dir", base_dir])
-    _run(sample + goal_cmd + options + ["--output_dir", goal_dir])
+    _run_together([sample + ["--pretrained", pipeline] + options + ["--output_dir", base_dir],
+                   sample + goal_cmd + options + ["--output_dir", goal_dir]])
 
     import numpy as np
 
