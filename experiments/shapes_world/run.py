@@ -651,11 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", nargs="*", default=None, help="subset of the size's arms")
     p.add_argument("--seeds", nargs="*", type=int, default=None, help="override the seeds")
     p.add_argument("--steps", type=int, default=None, help="override the training steps")
-    p.add_argument("--sample_beta", type=float, default=None,
-                   help="evaluate with grounding for the first this share of the sampling "
-                        "steps (GLIGEN's scheduled sampling; default: the size's, 1.0 = every "
-                        "step); the runs are shared with other values, whose evaluations are "
-                        "kept in their own files: give each its own --out")
+    p.add_argument("--sample_beta", type=float, default=None, metavar="B",
+                   help="B in [0, 1]: evaluate with the boxes grounding only the first B "
+                        "share of the sampling steps (GLIGEN's scheduled sampling; default: "
+                        "the size's, 1.0 = every step). The trained runs are shared between "
+                        "values of B, each evaluation in its own files: give each its own --out")
     p.add_argument("--main_balance", type=float, default=None,
                    help="the ablations use α, β = this x the measured balance weights "
                         "(goal_bal<r>) instead of the paper's")
