@@ -34,17 +34,9 @@ if REPO not in sys.path:
 WORLD = os.path.join(REPO, "assets", "shapes_world")
 
 
-def _run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise SystemExit(f"demo: step failed with exit code {result.returncode}: "
-                         f"{' '.join(cmd)}")
-
-
-def _run_together(cmds: list[list[str]]) -> None:
+def _run(*cmds: list[str]) -> None:
     """Runs ``cmds`` at once (the two samplers: each spends most of its time starting up and
-    compiling, which overlaps) and waits for both; a failed one ends the demo, named."""
+    compiling, which overlaps) and waits for all; a failed one ends the demo, named."""
     procs = []
     for cmd in cmds:
         print("+", " ".join(cmd), flush=True)
@@ -130,8 +122,8 @@ def main(argv=None) -> int:
                 row_label += "\nOTHER BASE"
         print(f"demo: no fine-tuning; the GOAL row is the shipped pipeline {args.goal}",
               flush=True)
-    _run_together([sample + ["--pretrained", pipeline] + options + ["--output_dir", base_dir],
-                   sample + goal_cmd + options + ["--output_dir", goal_dir]])
+    _run(sample + ["--pretrained", pipeline] + options + ["--output_dir", base_dir],
+         sample + goal_cmd + options + ["--output_dir", goal_dir])
 
     import numpy as np
 
