@@ -27,7 +27,7 @@ SLOW_FILES = frozenset({
     "test_train_program.py", "test_notebooks.py", "test_sample_script.py", "test_convert.py",
     "test_benchmarks_smoke.py", "test_no_torch.py", "test_data_prep_review.py",
     "test_data_prep_annotate.py", "test_evaluation.py", "test_probe_faults.py",
-    "test_sharding.py", "test_multiprocess.py",
+    "test_sharding.py", "test_multiprocess.py", "test_x0_quality.py",
 })
 SLOW_TESTS = frozenset({
     "test_clip.py::test_clip_parity_fp32",
