@@ -322,6 +322,31 @@ def test_new_session_restores_every_run_without_training(smoke, tmp_path, capsys
     assert [x for x in md[0] if "--workdir" not in x] == [x for x in md[1] if "--workdir" not in x]
 
 
+def test_trainable_set_arm_trains_every_unet_parameter_and_is_restored(smoke, tmp_path,
+                                                                       capsys):
+    from experiments.shapes_world import run
+
+    again, out, _ = _session(smoke, tmp_path, "unet",
+                             ["--arms", "goal_unet", "--attention_layouts", "0"])
+    runs = {r["arm"]: r for r in again["runs"]}
+    assert sorted(runs) == ["goal", "goal_unet", "ldm_only"]
+    assert runs["goal_unet"]["overrides"]["train.trainable_patterns"] == ["."]
+    assert all("train.trainable_patterns" not in runs[a]["overrides"] for a in ("ldm_only",
+                                                                                "goal"))
+    # Its checkpoint holds every U-Net tensor, the paper's arms' only fusers + attn1 + attn2.
+    ckpt = runs["goal_unet"]["eval"]["checkpoint"]
+    assert ckpt["replaced"] == ckpt["total"] > 0
+    paper = next(r for r in smoke["results"]["runs"] if r["arm"] == "goal")["eval"]["checkpoint"]
+    assert paper["total"] == ckpt["total"] and 0 < paper["replaced"] < ckpt["total"]
+    # A later session restores it (its tuple override compares equal to the JSON list).
+    capsys.readouterr()
+    argv = ["--world", smoke["argv"][1], "--workdir", str(tmp_path / "unet2"), "--out", out,
+            "--size", "smoke", "--arms", "goal_unet", "--attention_layouts", "0"]
+    assert run.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "training " not in printed and "restored goal_unet seed 0" in printed
+
+
 def test_grid_images_hold_the_grid_layouts(smoke):
     from experiments.shapes_world import persist, run
 

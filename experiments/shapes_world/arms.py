@@ -15,6 +15,9 @@ Arms (``ARM_SPECS``; α, β relative to the paper's α = 1e-2, β = 1e-3 times t
   dsalign_local   D_local only (Table 6).          dsalign_global  D_global only (Table 6).
   maalign_mid8    MAAlign on the mid block 8x8 maps (Table 7).
   maalign_down8   MAAlign on the encoder 8x8 maps (Table 7).
+  ldm_only_unet   LDM-only, every U-Net parameter trainable (``TRAINABLE_SETS["unet"]``).
+  goal_unet       GOAL, every U-Net parameter trainable: does a larger trainable set than
+                  the paper's fusers + attn1 + attn2 let the losses change what is drawn?
   goal_x<f>       GOAL with α, β = f x the paper's (the sweep; ``sweep_scales``).
   goal_bal<r>     GOAL with α = r x |∇L_LDM| / |∇L_DSA| and β = r x |∇L_LDM| / |∇L_MAA|,
                   the gradient-norm ratios measured at the base world (scales.py, decoder
@@ -33,6 +36,11 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER_ALPHA, PAPER_BETA = 1e-2, 1e-3
+# Trainable sets (regexes on "/"-joined U-Net parameter paths, train.trainable_patterns):
+# "paper" is the demo preset's own (GLIGEN fusers + attn1 + attn2, goal_jax.train's
+# PAPER_TRAINABLE; not overridden, so the records of runs made before this field existed still
+# match); "unet" is every parameter of the U-Net, its position net included.
+TRAINABLE_SETS = {"paper": None, "unet": (".",)}
 CATEGORIES = ("color", "shape", "texture", "spatial", "counting", "complex")
 
 
@@ -51,6 +59,7 @@ class ArmSpec:
     maa_part: str = "up"
     preset: str = ""
     balance: float | None = None
+    trainable: str = "paper"
 
 
 def arm_weights(spec: ArmSpec, balance: dict | None) -> tuple[float, float]:
@@ -87,6 +96,9 @@ def arm_specs(main_scale: float, sweep_scales=(), main_balance: float | None = N
                 maa_part="mid", preset="maalign_mid8"),
         ArmSpec("maalign_down8", "GOAL, MAAlign on the encoder 8x8 maps", m, m,
                 maa_part="down"),
+        ArmSpec("ldm_only_unet", "LDM-only fine-tune, every U-Net parameter trainable", 0.0,
+                0.0, preset="ldm_only", trainable="unet"),
+        ArmSpec("goal_unet", "GOAL, every U-Net parameter trainable", m, m, trainable="unet"),
     ]
     if main_balance is not None:
         specs = [dataclasses.replace(s, balance=float(main_balance),
@@ -141,7 +153,7 @@ class Size:
 
 
 ALL_ARMS = ("ldm_only", "goal", "no_maalign", "no_dsalign", "dsalign_local", "dsalign_global",
-            "maalign_mid8", "maalign_down8")
+            "maalign_mid8", "maalign_down8", "ldm_only_unet", "goal_unet")
 SWEEP = (10.0, 100.0)
 BALANCE_SWEEP = (0.1, 1.0)
 
@@ -219,7 +231,16 @@ def run_overrides(spec: ArmSpec, size: Size, seed: int, world: dict, data_source
         "log.every_steps": size.log_every,
         "log.progress": False,
         "sample.every_steps": 0,
-    }
+    } | ({} if TRAINABLE_SETS[spec.trainable] is None
+         else {"train.trainable_patterns": TRAINABLE_SETS[spec.trainable]})
+
+
+def trainable_patterns(spec: ArmSpec) -> tuple[str, ...]:
+    """The regexes of the arm's trainable U-Net parameters (the paper's set unless the arm
+    names another; the position net stays frozen, as in the demo preset)."""
+    from goal_jax import train as train_lib
+
+    return TRAINABLE_SETS[spec.trainable] or train_lib.PAPER_TRAINABLE
 
 
 def load_goal_config(arg: str):

@@ -70,11 +70,14 @@ def world_fingerprint(world: dict, oracle_dir: str | None = None) -> dict:
 def portable(overrides: dict, world_path: str, workdir: str, repo: str) -> dict:
     """``overrides`` with every string value under ``world_path`` / ``workdir`` / ``repo``
     rewritten as ``<world>/...`` / ``<workdir>/...`` / ``<repo>/...`` (the first that
-    applies), so records made on other machines or in other workdirs compare equal."""
+    applies), so records made on other machines or in other workdirs compare equal; tuples
+    become lists (their form in results.json)."""
     prefixes = [(os.path.abspath(p).rstrip("/"), tag) for p, tag in
                 ((world_path, "<world>"), (workdir, "<workdir>"), (repo, "<repo>")) if p]
     out = {}
     for key, value in overrides.items():
+        if isinstance(value, tuple):
+            value = list(value)
         if isinstance(value, str):
             for prefix, tag in prefixes:
                 if value == prefix or value.startswith(prefix + "/"):

@@ -36,6 +36,10 @@ TABLES = (
     ("Table 7 analogue: MAAlign layer (8x8 cross-attention: the world U-Net's only grid)",
      (("encoder (down) 8x8", "maalign_down8"), ("mid block 8x8", "maalign_mid8"),
       ("decoder (up) 8x8 (GOAL; the paper's decoder choice)", "goal"))),
+    ("Trainable set: the paper's (fusers + attn1 + attn2) vs every U-Net parameter",
+     (("LDM-only, the paper's set", "ldm_only"), ("GOAL, the paper's set", "goal"),
+      ("LDM-only, every U-Net parameter", "ldm_only_unet"),
+      ("GOAL, every U-Net parameter", "goal_unet"))),
 )
 
 
@@ -313,8 +317,11 @@ def markdown(results: dict) -> str:
         "averaged per-image scores). The all-or-nothing verdicts (every check of the layout "
         "passes) follow in their own table. Second opinion: world-CLIP image–caption cosine "
         "(× 100), which DSAlign optimises directly, so it is not independent."), ""]
-    for title, rows in TABLES:
-        if sum(_has(results, a) for _, a in rows) < 2:
+    table1 = {a for _, a in TABLES[0][1]}
+    for k, (title, rows) in enumerate(TABLES):
+        # An ablation table is shown when it holds two arms, one of them not in Table 1.
+        if sum(_has(results, a) for _, a in rows) < 2 or (
+                k and not any(_has(results, a) for _, a in rows if a not in table1)):
             continue
         lines += [f"## {title}", ""] + _table(results, rows) + [""]
     sweep = _sweep_rows(results)

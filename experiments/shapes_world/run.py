@@ -232,12 +232,13 @@ def train_run(spec, size, seed: int, overrides: dict, run_dir: str, log=print) -
     return train
 
 
-def check_trainable(run_dir: str, unet_params_ckpt_leaves: int, expected: int) -> None:
+def check_trainable(run_dir: str, unet_params_ckpt_leaves: int, expected: int,
+                    patterns=None) -> None:
     if unet_params_ckpt_leaves != expected:
         raise ValueError(f"run {run_dir}: its checkpoint holds {unet_params_ckpt_leaves} "
-                         f"trainable U-Net tensors, the paper's trainable set (fusers + attn1 "
-                         f"+ attn2) has {expected}: the demo preset's trainable_patterns "
-                         "changed; pass them explicitly")
+                         f"trainable U-Net tensors, the arm's trainable set "
+                         f"{list(patterns or ())} has {expected}: the demo preset's "
+                         "trainable_patterns changed; pass them explicitly")
 
 
 def eval_suffix(sample_beta: float) -> str:
@@ -252,8 +253,10 @@ def eval_suffix(sample_beta: float) -> str:
 
 
 def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
-                 settings: dict, suffix: str = "") -> tuple[dict, np.ndarray]:
-    """Samples and scores one trained run (skipped when ``eval<suffix>.json`` matches)."""
+                 settings: dict, suffix: str = "", patterns=None) -> tuple[dict, np.ndarray]:
+    """Samples and scores one trained run (skipped when ``eval<suffix>.json`` matches);
+    its checkpoint must hold ``expected_trainable`` tensors (the arm's trainable
+    ``patterns``)."""
     from experiments.shapes_world import evaluate as eval_lib
 
     path = os.path.join(run_dir, f"eval{suffix}.json")
@@ -263,7 +266,7 @@ def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
         if have.get("settings") == settings:
             return rescored(lambda: evaluator, path, have, np.load(npz)["images"])
     params, info = eval_lib.load_run_unet(os.path.join(run_dir, "checkpoints"), base_unet)
-    check_trainable(run_dir, info["replaced"], expected_trainable)
+    check_trainable(run_dir, info["replaced"], expected_trainable, patterns)
     scores, images = evaluator.evaluate(params)
     scores.update(settings=settings, checkpoint=info)
     np.savez_compressed(npz, images=images)
@@ -319,10 +322,12 @@ def _reference(evaluator, path: str, settings: dict, images_fn) -> tuple[dict, n
     return scores, images
 
 
-def expected_trainable_count(base_unet) -> int:
+def expected_trainable_count(base_unet, patterns) -> int:
+    """How many U-Net tensors the trainable ``patterns`` select (a run's checkpoint holds
+    exactly those)."""
     from goal_jax import train as train_lib
 
-    mask = train_lib.trainable_mask(base_unet, train_lib.PAPER_TRAINABLE)
+    mask = train_lib.trainable_mask(base_unet, patterns)
     return sum(mask.values())
 
 
@@ -530,7 +535,6 @@ def run(args) -> dict:
                 guidance_scale=size.guidance_scale, beta=size.sample_beta,
                 batch_size=args.eval_batch_size, max_boxes=world["max_boxes"])
             lazy["base_unet"] = lazy["evaluator"].pipe.unet_params
-            lazy["n_trainable"] = expected_trainable_count(lazy["base_unet"])
         return lazy["evaluator"]
 
     pick = grid_indices(items)
@@ -588,8 +592,11 @@ def run(args) -> dict:
                                       np.load(samples_path)["images"])
         else:
             evaluator()
-            scores, images = evaluate_run(lazy["evaluator"], run_dir, lazy["base_unet"],
-                                          lazy["n_trainable"], settings, suffix)
+            patterns = arms_lib.trainable_patterns(spec)
+            scores, images = evaluate_run(
+                lazy["evaluator"], run_dir, lazy["base_unet"],
+                expected_trainable_count(lazy["base_unet"], patterns), settings, suffix,
+                patterns)
         progress.done(f"evaluated {name} seed {seed}: oracle {100 * scores['oracle']:.1f}, "
                       f"CLIP {100 * scores['clip']:.1f}", "eval", scores["wall_s"])
         grid[key] = images[pick]
