@@ -285,7 +285,7 @@ def test_tpu_settings_stay_below_what_xla_refused():
         return dtype == "bfloat16" and remat and (frozen == "bfloat16"
                                                  or row["frozen_dtype"] == "float32")
 
-    checked = grounded = 0
+    grounded = 0
     for row in goal.TPU_SETTINGS.values():
         assert row["evidence"] and row["params"] in ("fsdp", "replicated")
         assert row["frozen_dtype"] in ("float32", "bfloat16")
@@ -293,11 +293,13 @@ def test_tpu_settings_stay_below_what_xla_refused():
         for r in same:
             if not r["fits"] and lighter_or_equal(r, row):
                 assert row["per_device_batch_size"] < r["per_core"], (row, r["variant"])
-                checked += 1
         if row["evidence"].startswith("compiled"):
             assert any(r["fits"] and r["per_core"] == row["per_device_batch_size"]
                        and variant(r)[3] in (row["frozen_dtype"], "float32") and variant(r)[:2]
                        == ("bfloat16", True) for r in same), row
             grounded += 1
-    assert checked >= 1  # v2-8 at 2 per core refused (lean: frozen bf16, trimmed)
-    assert grounded >= 2  # v2-8 at 1 per core and v5e-1 at batch 4 with frozen bf16 fit
+    # No refusal bounds a row today (v2-8's at 2 per core were the code before the activation
+    # constraints, and their recompiles fit; v5e-1's at batch 4 had float32 frozen weights);
+    # a refusal that does is checked in the loop above.
+    assert grounded >= 2  # v2-8 at 2 per core and v5e-1 at batch 4 with frozen bf16 fit
+    assert goal.tpu_settings("TPU v2", 8)["per_device_batch_size"] == 2
