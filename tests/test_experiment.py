@@ -251,6 +251,29 @@ def test_difference_standard_error():
     assert report.difference(report.stats([0.5]), b)["se"] is None
 
 
+def test_ablation_differences_table():
+    from experiments.shapes_world import report
+
+    def run(arm, seed, colour):
+        cats = {c: {"score": 0.5} for c in report.CATEGORIES}
+        cats["color"] = {"score": colour}
+        return {"arm": arm, "seed": seed, "eval": {"categories": cats}}
+
+    results = {"references": {}, "runs": [
+        run("ldm_only", 0, 0.4), run("ldm_only", 1, 0.5), run("ldm_only", 2, 0.6),
+        run("no_maalign", 0, 0.6), run("no_maalign", 1, 0.7), run("no_maalign", 2, 0.8),
+        run("goal", 0, 0.7)]}
+    lines = report._ablation_diff_lines(results)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines
+            if line.startswith("| ") and "−" in line}
+    # Only the comparisons whose two arms are evaluated; colour is the first category.
+    assert sorted(rows) == ["DSAlign only − LDM only (Table 5)", "GOAL − DSAlign only (Table 5)"]
+    se = 100 * np.sqrt(2 * 0.01 / 3)
+    assert rows["DSAlign only − LDM only (Table 5)"][:2] == ["3", f"+20.0 ± {se:.1f}*"]
+    assert rows["GOAL − DSAlign only (Table 5)"][:3] == ["1", "+0.0", "+0.0"]
+    assert report._ablation_diff_lines({"references": {}, "runs": [run("goal", 0, 0.5)]}) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # Results that survive across sessions (persist.py): only <out> (git) is kept.
 # ----------------------------------------------------------------------------------------------

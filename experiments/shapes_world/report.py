@@ -157,6 +157,49 @@ def _table(results: dict, rows, metric: str = "score", scale: float = 100.0,
     return lines
 
 
+# The ablations' comparisons: (label, arm, the arm it is compared with).
+ABLATION_DIFFS = (
+    ("DSAlign only − LDM only (Table 5)", "no_maalign", "ldm_only"),
+    ("MAAlign only − LDM only (Table 5)", "no_dsalign", "ldm_only"),
+    ("GOAL − DSAlign only (Table 5)", "goal", "no_maalign"),
+    ("GOAL − MAAlign only (Table 5)", "goal", "no_dsalign"),
+    ("D_local only − GOAL (Table 6)", "dsalign_local", "goal"),
+    ("D_global only − GOAL (Table 6)", "dsalign_global", "goal"),
+    ("MAAlign mid 8x8 − decoder 8x8 (Table 7)", "maalign_mid8", "goal"),
+    ("MAAlign encoder 8x8 − decoder 8x8 (Table 7)", "maalign_down8", "goal"),
+    ("LDM-only, every U-Net parameter − the paper's set", "ldm_only_unet", "ldm_only"),
+    ("GOAL − LDM-only, every U-Net parameter", "goal_unet", "ldm_only_unet"),
+)
+
+
+def _diff_cell(d: dict) -> str:
+    if d["diff"] is None:
+        return "-"
+    if d["se"] is None:
+        return f"{100 * d['diff']:+.1f}"
+    return f"{100 * d['diff']:+.1f} ± {100 * d['se']:.1f}" + ("*" if d["significant"] else "")
+
+
+def _ablation_diff_lines(results: dict) -> list[str]:
+    """The ABLATION_DIFFS whose two arms are evaluated, per category (empty when none is)."""
+    rows = [(label, a, b) for label, a, b in ABLATION_DIFFS
+            if _has(results, a) and _has(results, b)]
+    if not rows:
+        return []
+    lines = ["## Ablation differences", "",
+             ("Graded score × 100: difference of the two arms' seed means ± its standard error "
+              "(sqrt(s²_a/n_a + s²_b/n_b); none with one seed); * beyond 2 SE."), "",
+             "| comparison | seeds | " + " | ".join(CATEGORIES) + " |",
+             "|---|---|" + "---|" * len(CATEGORIES)]
+    for label, a, b in rows:
+        sa, sb = arm_stats(results, a), arm_stats(results, b)
+        n = min(max((x["n"] for x in s.values()), default=0) for s in (sa, sb))
+        cells = [_diff_cell(difference(sa[c], sb[c])) if c in sa and c in sb else "-"
+                 for c in CATEGORIES]
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _sweep_rows(results: dict) -> list[tuple[str, str]]:
     rows = []
     for name, arm in results["arms"].items():
@@ -304,7 +347,8 @@ def markdown(results: dict) -> str:
         "evaluation captions also occur there with other boxes)."),
         (f"* Every arm: scripts/train.py `configs/goal.py:demo` + explicit overrides, "
         f"{size['steps']} steps of batch {size['batch_size']}, AdamW lr "
-        f"{size['learning_rate']:g} constant, trainable: the paper's fusers + attn1 + attn2; "
+        f"{size['learning_rate']:g} constant, trainable: the paper's fusers + attn1 + attn2 "
+        "(the `_unet` arms: every U-Net parameter); "
         f"seeds {', '.join(str(s) for s in size['seeds'])} (train.seed = data.seed)."),
         (f"* Sampling: DDIM {ev['settings']['num_steps']} steps, CFG "
         f"{ev['settings']['guidance_scale']:g}, {grounding_words(ev['settings']['beta'])}; "
@@ -324,6 +368,7 @@ def markdown(results: dict) -> str:
                 k and not any(_has(results, a) for _, a in rows if a not in table1)):
             continue
         lines += [f"## {title}", ""] + _table(results, rows) + [""]
+    lines += _ablation_diff_lines(results)
     sweep = _sweep_rows(results)
     # Shown when it holds more than Table 1 does (an arm other than LDM-only and GOAL).
     if sum(_has(results, a) for _, a in sweep) >= 2 and any(
