@@ -235,12 +235,14 @@ def run_overrides(spec: ArmSpec, size: Size, seed: int, world: dict, data_source
          else {"train.trainable_patterns": TRAINABLE_SETS[spec.trainable]})
 
 
-def trainable_patterns(spec: ArmSpec) -> tuple[str, ...]:
-    """The regexes of the arm's trainable U-Net parameters (the paper's set unless the arm
-    names another; the position net stays frozen, as in the demo preset)."""
+def trainable_patterns(overrides: dict) -> tuple[str, ...]:
+    """The regexes of a run's trainable U-Net parameters from its config ``overrides``
+    (:func:`run_overrides`, or a results.json record of them): the paper's set unless the arm
+    overrides ``train.trainable_patterns`` (the position net stays frozen, as in the demo
+    preset)."""
     from goal_jax import train as train_lib
 
-    return TRAINABLE_SETS[spec.trainable] or train_lib.PAPER_TRAINABLE
+    return tuple(overrides.get("train.trainable_patterns") or train_lib.PAPER_TRAINABLE)
 
 
 def load_goal_config(arg: str):

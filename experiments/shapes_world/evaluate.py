@@ -42,6 +42,17 @@ def load_run_unet(checkpoint_dir: str, base_params):
     return params, {k: info[k] for k in ("step", "replaced", "total")}
 
 
+def clip_tokenizer(clip_dir: str, pipeline_dir: str):
+    """The world CLIP's tokenizer: its own folder's when it has one, else the pipeline's (the
+    CLIP's text tower is the pipeline's text encoder)."""
+    from goal_jax import text as text_lib
+
+    has_tokenizer = any(os.path.isfile(os.path.join(clip_dir, f))
+                        for f in ("vocab.json", "tokenizer.json"))
+    return text_lib.load_tokenizer(clip_dir if has_tokenizer
+                                   else os.path.join(pipeline_dir, "tokenizer"))
+
+
 class Evaluator:
     """Samples and scores the evaluation ``items`` (datasets.eval_layouts) for any U-Net."""
 
@@ -66,10 +77,7 @@ class Evaluator:
         self.oracle = oracle_lib.Oracle.load(oracle_dir)
         clip, clip_params = weights.load_component(clip_dir, "clip")
         self.clip, self.clip_params = clip, clip_params
-        has_tokenizer = any(os.path.isfile(os.path.join(clip_dir, f))
-                            for f in ("vocab.json", "tokenizer.json"))
-        tok_dir = clip_dir if has_tokenizer else os.path.join(pipeline_dir, "tokenizer")
-        ids = text_lib.tokenize(text_lib.load_tokenizer(tok_dir),
+        ids = text_lib.tokenize(clip_tokenizer(clip_dir, pipeline_dir),
                                 [it["caption"] for it in self.items])
         self._text = np.asarray(jax.jit(lambda p, x: clip.apply(
             {"params": p}, x, method="encode_text").embeds)(clip_params, ids))

@@ -135,13 +135,8 @@ def export(results_path: str, workdir: str, out: str, arm: str | None = None,
     log(f"[export] {arm} seed {seed} ({chosen_by}): {checkpoint} over {pipeline} -> {out}")
     pipe = weights.load_pipeline(pipeline)
     params, info = eval_lib.load_run_unet(checkpoint, pipe.unet_params)
-    from goal_jax import train as train_lib
-
-    patterns = (results["arms"].get(arm, {}).get("config", {}).get("train.trainable_patterns")
-                or train_lib.PAPER_TRAINABLE)  # the arm's set; the paper's when not overridden
-    run_lib.check_trainable(checkpoint, info["replaced"],
-                            run_lib.expected_trainable_count(pipe.unet_params, patterns),
-                            patterns)
+    run_lib.check_trainable(checkpoint, info["replaced"], pipe.unet_params,
+                            arms_lib.trainable_patterns(run.get("overrides") or {}))
     if info["step"] != run["train"]["steps"]:
         raise ValueError(f"{checkpoint}: latest step {info['step']}, but the results' run "
                          f"trained {run['train']['steps']} steps (another run?)")

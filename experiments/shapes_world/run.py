@@ -232,12 +232,16 @@ def train_run(spec, size, seed: int, overrides: dict, run_dir: str, log=print) -
     return train
 
 
-def check_trainable(run_dir: str, unet_params_ckpt_leaves: int, expected: int,
-                    patterns=None) -> None:
+def check_trainable(run_dir: str, unet_params_ckpt_leaves: int, base_unet, patterns) -> None:
+    """Raises ValueError naming ``run_dir`` unless its checkpoint holds exactly the U-Net
+    tensors the trainable ``patterns`` select in ``base_unet``."""
+    from goal_jax import train as train_lib
+
+    expected = sum(train_lib.trainable_mask(base_unet, patterns).values())
     if unet_params_ckpt_leaves != expected:
         raise ValueError(f"run {run_dir}: its checkpoint holds {unet_params_ckpt_leaves} "
                          f"trainable U-Net tensors, the arm's trainable set "
-                         f"{list(patterns or ())} has {expected}: the demo preset's "
+                         f"{list(patterns)} has {expected}: the demo preset's "
                          "trainable_patterns changed; pass them explicitly")
 
 
@@ -252,11 +256,10 @@ def eval_suffix(sample_beta: float) -> str:
     return "" if sample_beta == 1.0 else f"-beta{sample_beta:g}"
 
 
-def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
-                 settings: dict, suffix: str = "", patterns=None) -> tuple[dict, np.ndarray]:
-    """Samples and scores one trained run (skipped when ``eval<suffix>.json`` matches);
-    its checkpoint must hold ``expected_trainable`` tensors (the arm's trainable
-    ``patterns``)."""
+def evaluate_run(evaluator, run_dir: str, base_unet, patterns, settings: dict,
+                 suffix: str = "") -> tuple[dict, np.ndarray]:
+    """Samples and scores one trained run (skipped when ``eval<suffix>.json`` matches); its
+    checkpoint must hold exactly the tensors of the arm's trainable ``patterns``."""
     from experiments.shapes_world import evaluate as eval_lib
 
     path = os.path.join(run_dir, f"eval{suffix}.json")
@@ -266,7 +269,7 @@ def evaluate_run(evaluator, run_dir: str, base_unet, expected_trainable: int,
         if have.get("settings") == settings:
             return rescored(lambda: evaluator, path, have, np.load(npz)["images"])
     params, info = eval_lib.load_run_unet(os.path.join(run_dir, "checkpoints"), base_unet)
-    check_trainable(run_dir, info["replaced"], expected_trainable, patterns)
+    check_trainable(run_dir, info["replaced"], base_unet, patterns)
     scores, images = evaluator.evaluate(params)
     scores.update(settings=settings, checkpoint=info)
     np.savez_compressed(npz, images=images)
@@ -320,15 +323,6 @@ def _reference(evaluator, path: str, settings: dict, images_fn) -> tuple[dict, n
     np.savez_compressed(npz, images=images)
     _write_json(path, scores)
     return scores, images
-
-
-def expected_trainable_count(base_unet, patterns) -> int:
-    """How many U-Net tensors the trainable ``patterns`` select (a run's checkpoint holds
-    exactly those)."""
-    from goal_jax import train as train_lib
-
-    mask = train_lib.trainable_mask(base_unet, patterns)
-    return sum(mask.values())
 
 
 def grid_indices(items: list[dict]) -> list[int]:
@@ -592,11 +586,9 @@ def run(args) -> dict:
                                       np.load(samples_path)["images"])
         else:
             evaluator()
-            patterns = arms_lib.trainable_patterns(spec)
             scores, images = evaluate_run(
                 lazy["evaluator"], run_dir, lazy["base_unet"],
-                expected_trainable_count(lazy["base_unet"], patterns), settings, suffix,
-                patterns)
+                arms_lib.trainable_patterns(overrides(spec, seed)), settings, suffix)
         progress.done(f"evaluated {name} seed {seed}: oracle {100 * scores['oracle']:.1f}, "
                       f"CLIP {100 * scores['clip']:.1f}", "eval", scores["wall_s"])
         grid[key] = images[pick]

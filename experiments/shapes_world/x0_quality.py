@@ -72,17 +72,14 @@ class X0Probe:
         import jax
         import jax.numpy as jnp
 
+        from experiments.shapes_world import evaluate as eval_lib
         from goal_jax import objectives, weights
         from goal_jax import schedule as schedule_lib
-        from goal_jax import text as text_lib
 
         self.max_boxes = max_boxes
         p = self.pipe = weights.load_pipeline(pipeline_dir)
         self.clip, self.clip_params = weights.load_component(clip_dir, "clip")
-        has_tokenizer = any(os.path.isfile(os.path.join(clip_dir, f))
-                            for f in ("vocab.json", "tokenizer.json"))
-        self.clip_tokenizer = (text_lib.load_tokenizer(clip_dir) if has_tokenizer
-                               else p.tokenizer)
+        self.clip_tokenizer = eval_lib.clip_tokenizer(clip_dir, pipeline_dir)
         sched = schedule_lib.DDPMSchedule.from_config(p.scheduler_config)
         self.num_train_timesteps = sched.num_train_timesteps
         scaling = float(p.vae.config.scaling_factor)
