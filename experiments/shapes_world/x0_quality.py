@@ -75,6 +75,7 @@ class X0Probe:
         from experiments.shapes_world import evaluate as eval_lib
         from goal_jax import objectives, weights
         from goal_jax import schedule as schedule_lib
+        from goal_jax.world import unet_stage
 
         self.max_boxes = max_boxes
         p = self.pipe = weights.load_pipeline(pipeline_dir)
@@ -89,14 +90,10 @@ class X0Probe:
         def x0_hat(images, ids, phrase_ids, boxes, masks, t, noise):
             """images [B,H,W,3] in [-1,1] -> x̂0 [B,H,W,3] in [-1,1] at t [B] (t = 0: the
             VAE's reconstruction of the image, no U-Net)."""
-            text = {"params": p.text_params}
-            context = p.text_encoder.apply(text, ids).last_hidden_state
-            b, m, length = phrase_ids.shape
-            pooled = p.text_encoder.apply(text, phrase_ids.reshape(b * m, length)).pooled
-            g = {"boxes": boxes, "masks": masks,
-                 "phrase_embeds": pooled.reshape(b, m, -1) * masks[..., None]}
-            z0 = p.vae.apply({"params": p.vae_params}, images, method=p.vae.encode).mean
-            z0 = z0 * scaling
+            context = p.text_encoder.apply({"params": p.text_params}, ids).last_hidden_state
+            g = unet_stage.phrase_grounding(p.text_encoder, p.text_params, phrase_ids, boxes,
+                                            masks)
+            z0 = unet_stage.latent_means(p.vae, p.vae_params, images)
             z_t = schedule_lib.add_noise(sched, z0, noise, t)
             eps = p.unet.apply({"params": p.unet_params}, z_t, t, context, g)
             z0_hat = schedule_lib.predict_x0(sched, z_t, eps, t)

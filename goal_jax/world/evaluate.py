@@ -196,20 +196,19 @@ def grounding_gap(pipeline, split, unet_params=None, num_items: int = 256,
     n = min(num_items, len(split)) // batch_size * batch_size
     cache = unet_stage.TextCache(p.tokenizer, split, max_boxes)
     sched = schedule_lib.DDPMSchedule.from_config(models.SCHEDULER_CONFIG)
-    scaling = float(p.vae.config.scaling_factor)
 
     @jax.jit
-    def losses(z0, ids, phrase_ids, boxes, masks, t, noise):
+    def losses(images, ids, phrase_ids, boxes, masks, t, noise):
         context = p.text_encoder.apply({"params": p.text_params}, ids).last_hidden_state
-        b, m, length = phrase_ids.shape
-        pooled = p.text_encoder.apply({"params": p.text_params},
-                                      phrase_ids.reshape(b * m, length)).pooled.reshape(b, m, -1)
-        z0 = p.vae.apply({"params": p.vae_params}, z0, method=p.vae.encode).mean * scaling
+        grounded = unet_stage.phrase_grounding(p.text_encoder, p.text_params, phrase_ids,
+                                               boxes, masks)
+        ungrounded = {**grounded, "masks": jnp.zeros_like(masks),
+                      "phrase_embeds": jnp.zeros_like(grounded["phrase_embeds"])}
+        mirrored = {**grounded, "boxes": mirror_boxes(boxes)}
+        z0 = unet_stage.latent_means(p.vae, p.vae_params, images)
         z_t = schedule_lib.add_noise(sched, z0, noise, t)
         out = []
-        for bx, mk in ((boxes, masks), (boxes, jnp.zeros_like(masks)),
-                       (mirror_boxes(boxes), masks)):
-            g = {"boxes": bx, "masks": mk, "phrase_embeds": pooled * mk[..., None]}
+        for g in (grounded, ungrounded, mirrored):
             eps = p.unet.apply({"params": params}, z_t, t, context, g)
             out.append(jnp.mean((eps - noise) ** 2))
         return jnp.stack(out)

@@ -114,6 +114,25 @@ def loss_weight(alphas_cumprod: jax.Array, t: jax.Array, kind: str = "eps",
     raise ValueError(f"unknown loss weighting {kind!r}; expected one of {LOSS_WEIGHTING}")
 
 
+def latent_means(vae, vae_params, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] in [-1, 1] -> the VAE posterior means × its scaling factor
+    [B, H/f, W/f, C]: the latents the U-Net is trained on (f = the VAE's downsampling)."""
+    scaling = float(vae.config.scaling_factor)
+    return vae.apply({"params": vae_params}, images, method=vae.encode).mean * scaling
+
+
+def phrase_grounding(text_encoder, text_params, phrase_ids: jax.Array, boxes: jax.Array,
+                     masks: jax.Array) -> dict:
+    """The U-Net's grounding input: phrase token ids [B, N, L] int32, boxes [B, N, 4] (xyxy in
+    [0, 1]), masks [B, N] float (1 = a box) -> {"boxes", "masks", "phrase_embeds" [B, N, D]}:
+    each phrase's pooled (EOS) text feature, zero where the slot is masked."""
+    b, n, length = phrase_ids.shape
+    pooled = text_encoder.apply({"params": text_params},
+                                phrase_ids.reshape(b * n, length)).pooled
+    return {"boxes": boxes, "masks": masks,
+            "phrase_embeds": pooled.reshape(b, n, -1) * masks[..., None]}
+
+
 def encode_latents(vae, vae_params, split: WorldSplit, path: str, log=print) -> np.ndarray:
     """Posterior means × scaling factor of every item of ``split``, cached in ``path``
     (float32 [N, h, w, 4]); reused when complete."""
@@ -121,11 +140,10 @@ def encode_latents(vae, vae_params, split: WorldSplit, path: str, log=print) -> 
         cached = np.load(path, mmap_mode="r")
         if cached.shape[0] == len(split):
             return np.asarray(cached)
-    scaling = float(vae.config.scaling_factor)
 
     @jax.jit
     def enc(x):
-        return vae.apply({"params": vae_params}, x, method=vae.encode).mean * scaling
+        return latent_means(vae, vae_params, x)
 
     out = []
     for start in range(0, len(split), 256):
@@ -175,12 +193,8 @@ def train(config, workdir: str, which: str, unet_params, text_encoder, text_para
         context = text_encoder.apply({"params": text_params}, ids).last_hidden_state
         grounding = None
         if gligen:
-            b, n, length = phrase_ids.shape
-            pooled = text_encoder.apply({"params": text_params},
-                                        phrase_ids.reshape(b * n, length)).pooled
             masks = masks * (1.0 - drop_ground[:, None])
-            grounding = {"boxes": boxes, "masks": masks,
-                         "phrase_embeds": pooled.reshape(b, n, -1) * masks[..., None]}
+            grounding = phrase_grounding(text_encoder, text_params, phrase_ids, boxes, masks)
         context = jax.lax.stop_gradient(context)
         z_t = schedule_lib.add_noise(sched, z0, noise, t)
         eps = unet.apply({"params": merge(train_params, frozen)}, z_t, t, context, grounding)
