@@ -349,8 +349,8 @@ def test_trainable_set_arm_trains_every_unet_parameter_and_is_restored(smoke, tm
                                                                        capsys):
     from experiments.shapes_world import run
 
-    again, out, _ = _session(smoke, tmp_path, "unet",
-                             ["--arms", "goal_unet", "--attention_layouts", "0"])
+    again, out, workdir = _session(smoke, tmp_path, "unet",
+                                   ["--arms", "goal_unet", "--attention_layouts", "0"])
     runs = {r["arm"]: r for r in again["runs"]}
     assert sorted(runs) == ["goal", "goal_unet", "ldm_only"]
     assert runs["goal_unet"]["overrides"]["train.trainable_patterns"] == ["."]
@@ -361,8 +361,16 @@ def test_trainable_set_arm_trains_every_unet_parameter_and_is_restored(smoke, tm
     assert ckpt["replaced"] == ckpt["total"] > 0
     paper = next(r for r in smoke["results"]["runs"] if r["arm"] == "goal")["eval"]["checkpoint"]
     assert paper["total"] == ckpt["total"] and 0 < paper["replaced"] < ckpt["total"]
-    # A later session restores it (its tuple override compares equal to the JSON list).
+    # The same workdir evaluated again with scheduled sampling: its run.json holds the
+    # patterns as a JSON list, the config a tuple; the run is reused, not refused or retrained.
     capsys.readouterr()
+    argv = ["--world", smoke["argv"][1], "--workdir", workdir, "--out",
+            str(tmp_path / "unet" / "scheduled"), "--size", "smoke", "--arms", "goal_unet",
+            "--attention_layouts", "0", "--sample_beta", "0.3"]
+    assert run.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "training " not in printed and "evaluated goal_unet seed 0" in printed
+    # A later session restores it (its tuple override compares equal to the JSON list).
     argv = ["--world", smoke["argv"][1], "--workdir", str(tmp_path / "unet2"), "--out", out,
             "--size", "smoke", "--arms", "goal_unet", "--attention_layouts", "0"]
     assert run.main(argv) == 0

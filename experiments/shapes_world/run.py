@@ -182,12 +182,13 @@ def run_record(spec, seed: int, overrides: dict, run_dir: str) -> tuple[dict, di
     if not os.path.isfile(path):
         return want, None
     have = _read_json(path)
-    diff = sorted(k for k in set(have["overrides"]) | set(overrides)
-                  if have["overrides"].get(k) != overrides.get(k))
+    stored = json.loads(json.dumps(overrides))  # as run.json holds them: tuples become lists
+    diff = sorted(k for k in set(have["overrides"]) | set(stored)
+                  if have["overrides"].get(k) != stored.get(k))
     if diff or have["config_string"] != want["config_string"]:
         raise ValueError(f"run {run_dir} was made with another configuration (fields "
                          f"{diff or ['config_string']}: "
-                         f"{[(k, have['overrides'].get(k), overrides.get(k)) for k in diff][:5]}"
+                         f"{[(k, have['overrides'].get(k), stored.get(k)) for k in diff][:5]}"
                          "); delete it or use another --workdir")
     return want, have
 
