@@ -134,7 +134,7 @@ def run_jax(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from goal_jax import sampling, schedule, text, train, weights
+    from goal_jax import sampling, text, train, weights
 
     size = bm.SIZES[args.size]
     dev = jax.devices()[0]
@@ -178,12 +178,7 @@ def run_jax(args) -> None:
     # ---- train step -----------------------------------------------------------------------
     cfg = train.default_train_config()
     cfg.dtype, cfg.remat = args.dtype, True
-    cfg.maa_resolution = size.maa_resolution
-    tmods = bm.jax_modules(size, tok_dir, dtype=dtype, remat=True,
-                           attention_maps=bm.maa_layers_flax(size))
-    models = train.GoalModels(tmods["unet"], tmods["vae"], tmods["text_encoder"], tmods["clip"],
-                              schedule.DDPMSchedule.from_config(bm.scheduler_config()),
-                              jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
+    models, tmods, _ = bm.goal_models(size, tok_dir, cfg)
 
     def measure_train(b):
         tparams = _random_params(bm.jax_init(tmods, abstract=True))

@@ -73,37 +73,19 @@ def build(size_name: str, dtype_name: str, remat: bool, batch: int, tokenizer_di
     """(jitted step, abstract args, pieces) of the GOAL train step of ``size`` (no arrays);
     ``trim`` = (encoded_box_slots, encoded_phrase_tokens)."""
     import jax
-    import jax.numpy as jnp
 
-    from goal_jax import schedule, text, train
+    from goal_jax import train
 
     size = bm.SIZES[size_name]
     cfg = train.default_train_config()
     cfg.dtype, cfg.remat = dtype_name, remat
     cfg.encoded_box_slots, cfg.encoded_phrase_tokens = trim
-    cfg.maa_resolution = size.maa_resolution
-    layers = bm.maa_layers_flax(size)
-    modules = bm.jax_modules(size, tokenizer_dir, dtype=train.compute_dtype(cfg), remat=remat,
-                             attention_maps=layers)
-    tok = text.load_tokenizer(tokenizer_dir)
-    models = train.GoalModels(modules["unet"], modules["vae"], modules["text_encoder"],
-                              modules["clip"],
-                              schedule.DDPMSchedule.from_config(bm.scheduler_config()),
-                              jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
+    models, modules, layers = bm.goal_models(size, tokenizer_dir, cfg)
     params = bm.jax_init(modules, abstract=True)
     opt, lr = train.make_optimizer(cfg)
     state, frozen = jax.eval_shape(lambda p: train.create_train_state(
         p, cfg, opt, jax.random.PRNGKey(0)), params)
-    n, img = size.max_boxes, size.image
-    f32, i32 = jnp.float32, jnp.int32
-    batch_shapes = {
-        "images": jax.ShapeDtypeStruct((batch, img, img, 3), f32),
-        "input_ids": jax.ShapeDtypeStruct((batch, 77), i32),
-        "phrase_input_ids": jax.ShapeDtypeStruct((batch, n, 77), i32),
-        "boxes": jax.ShapeDtypeStruct((batch, n, 4), f32),
-        "masks": jax.ShapeDtypeStruct((batch, n), f32),
-        "phrase_token_masks": jax.ShapeDtypeStruct((batch, n, 77), f32),
-    }
+    batch_shapes = bm.train_batch_shapes(size, batch)
     step = train.make_train_step(models, cfg, opt, lr)
     pieces = dict(cfg=cfg, models=models, params=params, state=state, frozen=frozen,
                   batch=batch_shapes, layers=layers)

@@ -363,6 +363,49 @@ def jax_modules(size: Size, tokenizer_dir: str, dtype: Any = None, remat: bool =
     }
 
 
+def with_attention(modules: dict, attention: str | None) -> dict:
+    """``modules`` with their attention kernel set to ``attention`` ("auto" | "einsum" | ...)
+    where a module has one; None leaves them as built."""
+    if attention is None:
+        return modules
+    return {k: (m.clone(attention=attention) if hasattr(m, "attention") else m)
+            for k, m in modules.items()}
+
+
+def goal_models(size: Size, tokenizer_dir: str, cfg, attention: str | None = None):
+    """The GOAL train step's models at ``size`` for train config ``cfg`` (its compute dtype and
+    remat; ``cfg.maa_resolution`` is set to the size's). -> (goal_jax.train.GoalModels, the
+    modules dict, the MAAlign layer names)."""
+    import jax.numpy as jnp
+
+    from goal_jax import schedule, text, train
+
+    cfg.maa_resolution = size.maa_resolution
+    layers = maa_layers_flax(size)
+    modules = with_attention(jax_modules(size, tokenizer_dir, dtype=train.compute_dtype(cfg),
+                                         remat=cfg.remat, attention_maps=layers), attention)
+    tok = text.load_tokenizer(tokenizer_dir)
+    models = train.GoalModels(modules["unet"], modules["vae"], modules["text_encoder"],
+                              modules["clip"],
+                              schedule.DDPMSchedule.from_config(scheduler_config()),
+                              jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
+    return models, modules, layers
+
+
+def train_batch_shapes(size: Size, batch: int, sharding: Any = None) -> dict:
+    """ShapeDtypeStructs of a train batch of ``batch`` items at ``size`` (the fields and dtypes
+    of :func:`train_batch`), each with ``sharding`` (None: unsharded)."""
+    import jax
+    import jax.numpy as jnp
+
+    n, img = size.max_boxes, size.image
+    f32, i32 = jnp.float32, jnp.int32
+    shapes = {"images": ((batch, img, img, 3), f32), "input_ids": ((batch, 77), i32),
+              "phrase_input_ids": ((batch, n, 77), i32), "boxes": ((batch, n, 4), f32),
+              "masks": ((batch, n), f32), "phrase_token_masks": ((batch, n, 77), f32)}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+
+
 def jax_init(modules: dict, seed: int = 0, abstract: bool = False) -> dict:
     """Random float32 params of each module (``module.init`` on its ``dummy_inputs``), jit-compiled
     so the initialisation runs on the accelerator; ``abstract=True`` gives ShapeDtypeStructs

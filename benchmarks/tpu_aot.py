@@ -223,10 +223,9 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
     FSDP = ('data' 1, 'fsdp' n), replicated = ('data' n, 'fsdp' 1); FSDP shards the arrays of
     at least ``fsdp_min_size`` elements (None: the train config's default)."""
     import jax
-    import jax.numpy as jnp
 
     from benchmarks import models as bm
-    from goal_jax import schedule, sharding, text, train
+    from goal_jax import sharding, train
 
     dtype_name, remat, trim, frozen_dtype, attention = VARIANTS[variant]
     size = bm.SIZES[size_name]
@@ -234,23 +233,13 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
     cfg.dtype, cfg.remat = dtype_name, remat
     cfg.encoded_box_slots, cfg.encoded_phrase_tokens = trim
     cfg.frozen_dtype = frozen_dtype
-    cfg.maa_resolution = size.maa_resolution
     n = len(devices)
     cfg.sharding.params = params_mode
     if fsdp_min_size is not None:
         cfg.sharding.fsdp_min_size = int(fsdp_min_size)
     mesh = (sharding.create_mesh(1, n, devices) if params_mode == "fsdp"
             else sharding.create_mesh(n, 1, devices))
-    layers = bm.maa_layers_flax(size)
-    modules = bm.jax_modules(size, tokenizer_dir, dtype=train.compute_dtype(cfg), remat=remat,
-                             attention_maps=layers)
-    modules = {k: (m.clone(attention=attention) if hasattr(m, "attention") else m)
-               for k, m in modules.items()}
-    tok = text.load_tokenizer(tokenizer_dir)
-    models = train.GoalModels(modules["unet"], modules["vae"], modules["text_encoder"],
-                              modules["clip"],
-                              schedule.DDPMSchedule.from_config(bm.scheduler_config()),
-                              jnp.asarray(text.tokenize(tok, [""])[0], jnp.int32))
+    models, modules, _ = bm.goal_models(size, tokenizer_dir, cfg, attention)
     params = bm.jax_init(modules, abstract=True)
     opt, lr = train.make_optimizer(cfg)
     state, frozen = jax.eval_shape(lambda p: train.create_train_state(
@@ -259,13 +248,7 @@ def build_train(size_name: str, variant: str, params_mode: str, devices: list, p
                                  example_frozen=frozen)
     state_sh = train.state_shardings(state, mesh, params_mode, cfg.sharding.fsdp_min_size)
     frozen_sh = train.frozen_shardings(frozen, mesh, params_mode, cfg.sharding.fsdp_min_size)
-    batch, slots, img = per_core * n, size.max_boxes, size.image
-    f32, i32 = jnp.float32, jnp.int32
-    shapes = {"images": ((batch, img, img, 3), f32), "input_ids": ((batch, 77), i32),
-              "phrase_input_ids": ((batch, slots, 77), i32), "boxes": ((batch, slots, 4), f32),
-              "masks": ((batch, slots), f32), "phrase_token_masks": ((batch, slots, 77), f32)}
-    data = sharding.batch_sharding(mesh)
-    batch_sds = {k: jax.ShapeDtypeStruct(s, d, sharding=data) for k, (s, d) in shapes.items()}
+    batch_sds = bm.train_batch_shapes(size, per_core * n, sharding.batch_sharding(mesh))
     return (step.jitted, (_sds(state, state_sh), _sds(frozen, frozen_sh), batch_sds), params,
             mesh)
 
@@ -285,9 +268,8 @@ def build_sample(size_name: str, variant: str, devices: list, per_core: int,
     dtype_name, attention = SAMPLE_VARIANTS[variant]
     dtype = jnp.dtype(dtype_name)
     size = bm.SIZES[size_name]
-    modules = bm.jax_modules(size, tokenizer_dir, dtype=dtype, remat=False)
-    modules = {k: (m.clone(attention=attention) if hasattr(m, "attention") else m)
-               for k, m in modules.items()}
+    modules = bm.with_attention(bm.jax_modules(size, tokenizer_dir, dtype=dtype, remat=False),
+                                attention)
     mesh = Mesh(np.asarray(devices), ("data",))
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     # The program only reads these fields of the sampler (see GLIGENPipeline._program).
