@@ -78,7 +78,7 @@ demo: $(STAMP)
 demo-goal: $(STAMP)
 	$(PY) scripts/demo.py --workdir $(DEMO_DIR)-goal --goal assets/shapes_world/goal
 
-# The shapes world itself, trained from scratch (about 90 minutes on 2 CPU cores; resumable:
+# The shapes world itself, trained from scratch (80 minutes measured on 2 idle CPU cores; resumable:
 # rerun to continue). Writes assets/shapes_world/{pipeline,clip,world.json,world_samples.png}.
 WORLD_DIR ?= runs/world
 world: $(STAMP)
