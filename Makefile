@@ -78,8 +78,8 @@ demo: $(STAMP)
 demo-goal: $(STAMP)
 	$(PY) scripts/demo.py --workdir $(DEMO_DIR)-goal --goal assets/shapes_world/goal
 
-# The shapes world itself, trained from scratch (80 minutes measured on 2 idle CPU cores; resumable:
-# rerun to continue). Writes assets/shapes_world/{pipeline,clip,world.json,world_samples.png}.
+# The shapes world itself, trained from scratch (80 minutes measured on 2 idle CPU cores;
+# resumable: rerun to continue). Writes assets/shapes_world/{pipeline,clip,world.json,world_samples.png}.
 WORLD_DIR ?= runs/world
 world: $(STAMP)
 	$(PY) scripts/world.py --config configs/world.py --workdir $(WORLD_DIR) --out assets/shapes_world
